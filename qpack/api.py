@@ -1,0 +1,104 @@
+"""The PyTorch face of the codec: state_dict -> .qpk -> state_dict.
+
+torch is imported inside the functions that make or read tensors, so ``import qpack``
+stays cheap and a numpy-only loader never pulls it in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import errors as E
+from .codec import (
+    DEFAULT_BITS,
+    NUMPY_DTYPES,
+    BitsOption,
+    Reader,
+    describe,
+    dtype_name,
+    encode_chunks,
+    write_atomic,
+)
+from .schemes import DEFAULT_SCHEME
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _as_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
+    """A CPU numpy view of a tensor or array, plus its header dtype."""
+    if isinstance(value, np.ndarray):
+        return value, dtype_name(value)
+    if not _is_tensor(value):
+        raise E.EncodeError(f"is a {type(value).__name__}, not a tensor", tensor=name)
+    import torch
+
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype not in NUMPY_DTYPES:
+        raise E.EncodeError(f"dtype {value.dtype} cannot be stored", tensor=name)
+    tensor = value.detach().to("cpu").contiguous()
+    if dtype == "bfloat16":
+        return tensor.view(torch.int16).numpy().view(np.uint16), dtype
+    return tensor.numpy(), dtype
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    bits: BitsOption = DEFAULT_BITS,
+    scheme: str = DEFAULT_SCHEME,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Quantize and write a state_dict (torch tensors or numpy arrays) to ``path``.
+
+    Floating tensors with two or more dimensions (conv and linear weights) are quantized to
+    ``bits`` bits with ``scheme``; the others (biases, integer buffers) are stored exactly.
+    ``bits`` may instead map tensor names to bits (``None`` keeps that tensor exact); names
+    not in the mapping follow the rule above at 8 bits. The file is written atomically.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise E.EncodeError(
+            f"expected a mapping of names to tensors, got {type(state_dict).__name__}", path=path
+        )
+    try:
+        items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
+        write_atomic(path, encode_chunks(items, bits=bits, scheme=scheme, metadata=metadata))
+    except E.QpackError as exc:
+        if exc.path is None:
+            raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None
+        raise
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a .qpk file into a state_dict with the original names, order, shapes and dtypes.
+
+    Quantized tensors are dequantized to float32 exactly as the spec says, then cast to their
+    original floating dtype. Raises a :class:`qpack.QpackError` subclass for any bad file.
+    """
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    with Reader(path) as reader:
+        for entry, array in reader.arrays():
+            if entry.storage == "raw" and entry.dtype == "bfloat16":
+                tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            else:
+                tensor = torch.from_numpy(array).to(getattr(torch, entry.dtype))
+            out[entry.name] = tensor.to(device)
+    return out
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    """The file's header as plain Python data: version, metadata and, per tensor, its shape,
+    dtype, storage, bits, scheme, byte count, offset and checksum. Reads only the header."""
+    with Reader(path) as reader:
+        return describe(reader)

@@ -1,0 +1,388 @@
+"""Arrays <-> .qpk files, with numpy only (spec sections 4-6 put together).
+
+Writing: each tensor becomes either raw little-endian bytes or quantized, bit-packed codes;
+the header is built once every payload is known, and the file is written atomically.
+Reading: :class:`Reader` validates the header, then reads, checks and decodes tensors on
+demand, so one tensor can be fetched without touching the others' bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import errors as E
+from .bitpack import pack_codes, padding_is_zero, unpack_codes
+from .container import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    PREAMBLE_SIZE,
+    Header,
+    TensorEntry,
+    align,
+    build_header,
+    layout,
+    read_header,
+)
+from .schemes import DEFAULT_SCHEME, SCHEMES, dequantize, quantize
+
+BitsOption = int | Mapping[str, "int | None"]
+
+# numpy dtype of each header dtype's raw bytes; bfloat16 travels as its uint16 bit patterns.
+NUMPY_DTYPES = {
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "float64": "<f8",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
+}
+DEFAULT_BITS = 8
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """The header dtype of a numpy array (bfloat16 arrays come from the torch layer)."""
+    for name, np_dtype in NUMPY_DTYPES.items():
+        if name != "bfloat16" and array.dtype == np.dtype(np_dtype).newbyteorder("="):
+            return name
+    raise E.EncodeError(f"dtype {array.dtype} cannot be stored")
+
+
+def bf16_to_f32(bits16: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns to float32 (exact)."""
+    return (bits16.astype(np.uint32) << 16).view(np.float32)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _bits_for(name: str, array: np.ndarray, dtype: str, bits: BitsOption) -> int | None:
+    """Bits to quantize this tensor with, or None to keep it raw (spec section 6.1)."""
+    if isinstance(bits, Mapping):
+        if name in bits:
+            chosen = bits[name]
+            if chosen is not None and dtype not in FLOAT_DTYPES:
+                raise E.EncodeError(
+                    f"only floating tensors can be quantized ({dtype})", tensor=name
+                )
+            return chosen
+        default = DEFAULT_BITS
+    else:
+        default = bits
+    return default if dtype in FLOAT_DTYPES and array.ndim >= 2 else None
+
+
+def _check_options(names: list[str], bits: BitsOption, scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise E.EncodeError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    values = bits.values() if isinstance(bits, Mapping) else [bits]
+    for value in values:
+        if value is not None and (type(value) is not int or not 1 <= value <= 8):
+            raise E.EncodeError(f"bits must be an integer from 1 to 8, got {value!r}")
+    if isinstance(bits, Mapping):
+        unknown = sorted(set(bits) - set(names))
+        if unknown:
+            raise E.EncodeError(f"bits given for tensors not in the state_dict: {unknown}")
+
+
+def encode_tensor(
+    name: str, array: np.ndarray, dtype: str, bits: int | None, scheme: str
+) -> tuple[TensorEntry, np.ndarray]:
+    """Build one tensor's header entry (offset not yet assigned) and its payload bytes."""
+    shape = tuple(int(d) for d in array.shape)
+    if bits is None:
+        payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
+        payload = payload.view(np.uint8)
+        entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, zlib.crc32(payload))
+        return entry, payload
+    values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise E.EncodeError(
+            "holds NaN or infinite values, which cannot be quantized; "
+            "clean the weights or keep this tensor raw",
+            tensor=name,
+        )
+    q = quantize(values, bits, scheme)
+    payload = pack_codes(q.codes, bits)
+    entry = TensorEntry(
+        name,
+        shape,
+        dtype,
+        "packed",
+        0,
+        payload.size,
+        zlib.crc32(payload),
+        bits=bits,
+        scheme=scheme,
+        dequant="affine",
+        granularity=q.granularity,
+        scale=q.scale,
+        zero_point=q.zero_point,
+    )
+    return entry, payload
+
+
+def encode_chunks(
+    items: Iterable[tuple[str, np.ndarray, str]],
+    *,
+    bits: BitsOption = DEFAULT_BITS,
+    scheme: str = DEFAULT_SCHEME,
+    metadata: Mapping[str, str] | None = None,
+) -> Iterator[bytes | np.ndarray]:
+    """Encode ``(name, array, dtype)`` items; yields the file's bytes in order."""
+    items = list(items)
+    names = [name for name, _, _ in items]
+    if len(set(names)) != len(names):
+        raise E.EncodeError("duplicate tensor names")
+    for name in names:
+        if type(name) is not str or not name:
+            raise E.EncodeError(f"tensor names must be non-empty strings, got {name!r}")
+    _check_options(names, bits, scheme)
+    meta = {"producer": f"qpack {__version__}"}
+    for key, value in (metadata or {}).items():
+        if type(key) is not str or type(value) is not str:
+            raise E.EncodeError(f"metadata must map strings to strings ({key!r}: {value!r})")
+        meta[key] = value
+    encoded = [
+        encode_tensor(name, array, dtype, _bits_for(name, array, dtype, bits), scheme)
+        for name, array, dtype in items
+    ]
+    entries = [entry for entry, _ in encoded]
+    data_size = layout(entries, [entry.length for entry in entries])
+    head = build_header(entries, meta, data_size)
+    yield head
+    data_start = align(len(head))
+    position = len(head)
+    for entry, payload in encoded:
+        start = data_start + entry.offset
+        if start > position:
+            yield bytes(start - position)
+        yield payload
+        position = start + entry.length
+
+
+def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) -> None:
+    """Write chunks to a temporary file beside ``path``, fsync, then rename over it."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable; not every platform can open a directory
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def encode(
+    arrays: Mapping[str, np.ndarray],
+    *,
+    bits: BitsOption = DEFAULT_BITS,
+    scheme: str = DEFAULT_SCHEME,
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    """Encode a mapping of numpy arrays to the bytes of a .qpk file (no torch needed)."""
+    items = [(name, np.asarray(a), dtype_name(np.asarray(a))) for name, a in arrays.items()]
+    return b"".join(
+        bytes(chunk) if isinstance(chunk, np.ndarray) else chunk
+        for chunk in encode_chunks(items, bits=bits, scheme=scheme, metadata=metadata)
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Reader:
+    """Validated access to a .qpk file or buffer; tensors are read and checked on demand."""
+
+    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview):
+        self._file = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path = "<bytes>"
+            self._buffer = memoryview(source).cast("B")
+            self.file_size = len(self._buffer)
+        else:
+            self.path = os.fspath(source)
+            self._buffer = None
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+                self.file_size = os.fstat(self._file.fileno()).st_size
+            except IsADirectoryError:
+                raise E.QpackError("is a directory, not a qpack file", path=self.path) from None
+            except OSError as exc:
+                raise E.QpackError(f"cannot open ({exc.strerror})", path=self.path) from None
+        try:
+            self.header: Header = read_header(self._read_at, self.file_size, self.path)
+        except BaseException:
+            self.close()
+            raise
+        self._by_name = {entry.name: entry for entry in self.header.tensors}
+
+    # -- plumbing
+    def _read_at(self, offset: int, size: int) -> bytes:
+        if self._buffer is not None:
+            return bytes(self._buffer[offset : offset + size])
+        chunks = []
+        while size > 0:
+            chunk = os.pread(self._file.fileno(), size, offset)
+            if not chunk:
+                raise E.TruncatedError("file ended early while reading", path=self.path)
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- access
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    def keys(self) -> list[str]:
+        return [entry.name for entry in self.header.tensors]
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def payload(self, entry: TensorEntry) -> bytes:
+        """The tensor's bytes, after checking their CRC-32."""
+        data = self._read_at(self.header.data_start + entry.offset, entry.length)
+        if zlib.crc32(data) != entry.crc32:
+            raise E.DataChecksumError(
+                "data checksum mismatch (corrupted tensor bytes)", path=self.path, tensor=entry.name
+            )
+        return data
+
+    def array(self, name: str) -> np.ndarray:
+        """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
+        (bfloat16 as its uint16 bit patterns)."""
+        entry = self.entry(name)
+        return decode_payload(entry, self.payload(entry), self.path)
+
+    def arrays(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+        """Decode every tensor in file order, checking every checksum, padding bit and
+        alignment byte on the way."""
+        header = self.header
+        self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
+        end = 0
+        for entry in header.tensors:
+            self._check_zero(header.data_start + end, header.data_start + entry.offset)
+            yield entry, decode_payload(entry, self.payload(entry), self.path)
+            end = entry.offset + entry.length
+
+    def verify(self) -> None:
+        """Check the whole file; raises a QpackError on the first problem."""
+        for _ in self.arrays():
+            pass
+
+    def _check_zero(self, start: int, stop: int) -> None:
+        if stop > start and any(self._read_at(start, stop - start)):
+            raise E.DataError(
+                f"alignment padding at bytes [{start}, {stop}) is not zero", path=self.path
+            )
+
+
+def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
+    """Turn one tensor's checked bytes into an array of its shape."""
+    if entry.storage == "raw":
+        out = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype]).reshape(entry.shape)
+        return out.astype(out.dtype.newbyteorder("="))
+    if not padding_is_zero(data, entry.bits, entry.numel):
+        raise E.DataError(
+            "padding bits after the last code are not zero", path=path, tensor=entry.name
+        )
+    codes = unpack_codes(data, entry.bits, entry.numel)
+    values = dequantize(codes, entry.bits, entry.scale, entry.zero_point)
+    return values.reshape(entry.shape)
+
+
+def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Decode the bytes of a .qpk file to numpy arrays, in file order (no torch needed).
+
+    Packed tensors decode to float32; raw tensors keep their dtype, except bfloat16, which
+    numpy lacks, and is widened exactly to float32.
+    """
+    return _numpy_arrays(Reader(data))
+
+
+def load_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a .qpk file into numpy arrays (see :func:`decode` for the dtypes)."""
+    with Reader(path) as reader:
+        return _numpy_arrays(reader)
+
+
+def _numpy_arrays(reader: Reader) -> dict[str, np.ndarray]:
+    return {
+        entry.name: bf16_to_f32(array)
+        if entry.storage == "raw" and entry.dtype == "bfloat16"
+        else array
+        for entry, array in reader.arrays()
+    }
+
+
+def describe(reader: Reader) -> dict:
+    """The header as plain Python data (what ``qpack inspect`` shows)."""
+    tensors = []
+    for e in reader.header.tensors:
+        row = {
+            "name": e.name,
+            "shape": list(e.shape),
+            "dtype": e.dtype,
+            "storage": e.storage,
+            "bits": e.bits if e.storage == "packed" else DTYPE_SIZES[e.dtype] * 8,
+            "scheme": e.scheme if e.storage == "packed" else "raw",
+            "offset": e.offset,
+            "bytes": e.length,
+            "crc32": f"{e.crc32:08x}",
+        }
+        if e.storage == "packed":
+            row["granularity"] = e.granularity
+            row["scale"] = [float(v) for v in e.scale]
+            row["zero_point"] = [float(v) for v in e.zero_point]
+        tensors.append(row)
+    return {
+        "path": reader.path,
+        "version": "{}.{}".format(*reader.header.version),
+        "file_size": reader.file_size,
+        "metadata": reader.metadata,
+        "tensors": tensors,
+    }

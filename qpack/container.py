@@ -1,0 +1,364 @@
+"""The byte layout of a .qpk file and the validation of its header (spec sections 2-4, 7).
+
+A file is a 24-byte preamble, a msgpack header, zero padding to a 64-byte boundary, and a
+data section holding each tensor's bytes at a 64-byte aligned offset::
+
+    0   magic         8 bytes  89 51 50 4B 0D 0A 1A 0A
+    8   major         u16 LE
+    10  minor         u16 LE
+    12  header_crc32  u32 LE   CRC-32 of bytes [0, 12) followed by bytes [16, 24 + header_len)
+    16  header_len    u64 LE
+    24  header        msgpack map, header_len bytes
+
+This module knows nothing of quantization or torch; it only builds and checks the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+import numpy as np
+
+from . import errors as E
+from .bitpack import packed_size
+
+MAGIC = b"\x89QPK\r\n\x1a\n"
+VERSION = (1, 0)
+PREAMBLE_SIZE = 24
+ALIGNMENT = 64
+
+# Reader limits (spec section 7). They bound work and memory before anything is allocated.
+MAX_HEADER_BYTES = 64 << 20
+MAX_TENSORS = 1 << 20
+MAX_RANK = 16
+MAX_NAME_BYTES = 4096
+MAX_ELEMENTS = 1 << 48
+
+DTYPE_SIZES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+STORAGE_KINDS = ("raw", "packed")
+GRANULARITIES = ("tensor", "channel")
+
+_PREAMBLE = struct.Struct("<8sHHIQ")
+
+
+def align(n: int) -> int:
+    """Round ``n`` up to the next multiple of ALIGNMENT."""
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+@dataclass
+class TensorEntry:
+    """One tensor's header record (spec section 4.2)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: str
+    offset: int
+    length: int
+    crc32: int
+    bits: int | None = None
+    scheme: str | None = None
+    dequant: str | None = None
+    granularity: str | None = None
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_header(self) -> dict:
+        """The msgpack map written for this tensor, keys in a fixed order."""
+        out: dict = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "storage": self.storage,
+            "offset": self.offset,
+            "length": self.length,
+            "crc32": self.crc32,
+        }
+        if self.storage == "packed":
+            out["bits"] = self.bits
+            out["dequant"] = self.dequant
+            out["granularity"] = self.granularity
+            out["scale"] = self.scale.astype("<f4").tobytes()
+            out["zero_point"] = self.zero_point.astype("<f4").tobytes()
+            if self.scheme is not None:
+                out["scheme"] = self.scheme
+        return out
+
+
+@dataclass
+class Header:
+    """A parsed, validated header plus where its data section starts."""
+
+    version: tuple[int, int]
+    tensors: list[TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 0
+    data_size: int = 0
+    header_len: int = 0
+
+
+def expected_length(entry: TensorEntry) -> int:
+    """Bytes the tensor must occupy given its shape, dtype and storage."""
+    if entry.storage == "raw":
+        return entry.numel * DTYPE_SIZES[entry.dtype]
+    return packed_size(entry.numel, entry.bits)
+
+
+def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size: int) -> bytes:
+    """Serialize the preamble and header; the data section starts at align(len(result))."""
+    body = msgpack.packb(
+        {
+            "metadata": dict(metadata),
+            "tensors": [t.to_header() for t in tensors],
+            "data_size": data_size,
+        },
+        use_bin_type=True,
+    )
+    if len(body) > MAX_HEADER_BYTES:
+        raise E.EncodeError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
+    head = _PREAMBLE.pack(MAGIC, *VERSION, 0, len(body))
+    crc = zlib.crc32(body, zlib.crc32(head[:12]))
+    return _PREAMBLE.pack(MAGIC, *VERSION, crc, len(body)) + body
+
+
+def layout(entries: list[TensorEntry], lengths: list[int]) -> int:
+    """Assign aligned, in-order offsets; return the data section size."""
+    end = 0
+    for entry, length in zip(entries, lengths, strict=True):
+        entry.offset = align(end)
+        entry.length = length
+        end = entry.offset + length
+    return end
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a msgpack map")
+    return out
+
+
+def read_header(read_at: Callable[[int, int], bytes], file_size: int, path=None) -> Header:
+    """Read and validate the preamble and header. ``read_at(offset, n)`` returns bytes."""
+    if file_size < PREAMBLE_SIZE:
+        if not MAGIC.startswith(read_at(0, min(file_size, len(MAGIC)))):
+            raise E.NotQpackError("not a qpack file (bad magic bytes)", path=path)
+        raise E.TruncatedError(f"file of {file_size} bytes is shorter than the preamble", path=path)
+    head = read_at(0, PREAMBLE_SIZE)
+    magic, major, minor, crc, header_len = _PREAMBLE.unpack(head)
+    if magic != MAGIC:
+        raise E.NotQpackError("not a qpack file (bad magic bytes)", path=path)
+    if major != VERSION[0]:
+        raise E.VersionError(
+            f"format version {major}.{minor} is not supported (this reader reads {VERSION[0]}.x)",
+            path=path,
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise E.HeaderTooLargeError(
+            f"header of {header_len} bytes exceeds the {MAX_HEADER_BYTES}-byte limit", path=path
+        )
+    if PREAMBLE_SIZE + header_len > file_size:
+        raise E.TruncatedError(
+            f"header of {header_len} bytes runs past the end of the {file_size}-byte file",
+            path=path,
+        )
+    body = read_at(PREAMBLE_SIZE, header_len)
+    if zlib.crc32(body, zlib.crc32(head[:12])) != crc:
+        raise E.HeaderChecksumError("header checksum mismatch (corrupted header)", path=path)
+    try:
+        obj = msgpack.unpackb(
+            body, raw=False, use_list=True, object_pairs_hook=_no_duplicates, strict_map_key=True
+        )
+    except Exception as exc:  # any decoding failure of untrusted bytes is a bad header
+        raise E.HeaderError(f"header is not valid msgpack ({exc})", path=path) from None
+    header = _validate(obj, (major, minor), path)
+    header.header_len = header_len
+    header.data_start = align(PREAMBLE_SIZE + header_len)
+    end = header.data_start + header.data_size
+    if file_size < end:
+        raise E.TruncatedError(
+            f"file has {file_size} bytes but its header describes {end}", path=path
+        )
+    if file_size > end:
+        raise E.LayoutError(f"{file_size - end} unexpected bytes after the data section", path=path)
+    return header
+
+
+def _fail(path, msg: str, tensor: str | None = None, cls: type = E.HeaderError):
+    raise cls(msg, path=path, tensor=tensor)
+
+
+def _uint(value, what: str, path, tensor=None, limit: int = 1 << 64) -> int:
+    if type(value) is not int or not 0 <= value < limit:
+        _fail(path, f"{what} must be an integer in [0, {limit}), got {value!r}", tensor)
+    return value
+
+
+def _text(value, what: str, path, tensor=None) -> str:
+    if type(value) is not str:
+        _fail(path, f"{what} must be a string, got {type(value).__name__}", tensor)
+    return value
+
+
+def _f32_array(value, count: int, what: str, path, tensor) -> np.ndarray:
+    if type(value) is not bytes or len(value) != 4 * count:
+        _fail(path, f"{what} must be {4 * count} bytes of float32 ({count} values)", tensor)
+    arr = np.frombuffer(value, dtype="<f4").astype(np.float32)
+    if not np.isfinite(arr).all():
+        _fail(path, f"{what} holds a NaN or infinite value", tensor)
+    return arr
+
+
+def _validate(obj, version: tuple[int, int], path) -> Header:
+    if type(obj) is not dict:
+        _fail(path, "header must be a msgpack map")
+    for key in ("tensors", "data_size"):
+        if key not in obj:
+            _fail(path, f"header lacks the required key {key!r}")
+    metadata = obj.get("metadata", {})
+    if type(metadata) is not dict or not all(
+        type(k) is str and type(v) is str for k, v in metadata.items()
+    ):
+        _fail(path, "metadata must be a map of strings to strings")
+    data_size = _uint(obj["data_size"], "data_size", path)
+    raw_tensors = obj["tensors"]
+    if type(raw_tensors) is not list:
+        _fail(path, "tensors must be an array")
+    if len(raw_tensors) > MAX_TENSORS:
+        _fail(path, f"{len(raw_tensors)} tensors exceed the limit of {MAX_TENSORS}")
+    tensors: list[TensorEntry] = []
+    seen: set[str] = set()
+    end = 0
+    for index, raw in enumerate(raw_tensors):
+        entry = _validate_tensor(raw, index, path)
+        if entry.name in seen:
+            _fail(path, "duplicate tensor name", entry.name)
+        seen.add(entry.name)
+        name = entry.name
+        # The layout is canonical: each tensor starts at the first aligned offset after the
+        # previous one, so a file's bytes are fully determined by its header and payloads.
+        if entry.offset < end:
+            _fail(
+                path,
+                f"bytes at offset {entry.offset} overlap the previous tensor, which ends at {end}",
+                name,
+                E.LayoutError,
+            )
+        if entry.offset + entry.length > data_size:
+            _fail(
+                path,
+                f"bytes [{entry.offset}, {entry.offset + entry.length}) lie outside "
+                f"the {data_size}-byte data section",
+                name,
+                E.LayoutError,
+            )
+        if entry.offset != align(end):
+            _fail(
+                path,
+                f"offset {entry.offset} is not the canonical {align(end)}",
+                name,
+                E.LayoutError,
+            )
+        end = entry.offset + entry.length
+        tensors.append(entry)
+    if end != data_size:
+        _fail(path, f"data_size is {data_size} but the tensors end at {end}", cls=E.LayoutError)
+    return Header(version=version, tensors=tensors, metadata=metadata, data_size=data_size)
+
+
+def _validate_tensor(raw, index: int, path) -> TensorEntry:
+    if type(raw) is not dict:
+        _fail(path, f"tensor #{index} must be a map")
+    name = raw.get("name")
+    if type(name) is not str or not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        _fail(path, f"tensor #{index} needs a non-empty name of at most {MAX_NAME_BYTES} bytes")
+    for key in ("shape", "dtype", "storage", "offset", "length", "crc32"):
+        if key not in raw:
+            _fail(path, f"lacks the required key {key!r}", name)
+    shape = raw["shape"]
+    if type(shape) is not list or len(shape) > MAX_RANK:
+        _fail(path, f"shape must be an array of at most {MAX_RANK} dimensions", name)
+    dims = tuple(_uint(d, "each dimension", path, name, MAX_ELEMENTS + 1) for d in shape)
+    if 0 not in dims and math.prod(dims) > MAX_ELEMENTS:
+        _fail(path, f"shape {list(dims)} holds more than {MAX_ELEMENTS} elements", name)
+    dtype = _text(raw["dtype"], "dtype", path, name)
+    if dtype not in DTYPE_SIZES:
+        _fail(path, f"unknown dtype {dtype!r}", name, E.UnsupportedError)
+    storage = _text(raw["storage"], "storage", path, name)
+    if storage not in STORAGE_KINDS:
+        _fail(path, f"unsupported storage kind {storage!r}", name, E.UnsupportedError)
+    entry = TensorEntry(
+        name=name,
+        shape=dims,
+        dtype=dtype,
+        storage=storage,
+        offset=_uint(raw["offset"], "offset", path, name),
+        length=_uint(raw["length"], "length", path, name),
+        crc32=_uint(raw["crc32"], "crc32", path, name, 1 << 32),
+    )
+    if storage == "packed":
+        _validate_packed(entry, raw, path)
+    if entry.length != expected_length(entry):
+        _fail(
+            path,
+            f"length {entry.length} does not match shape {list(dims)} "
+            f"({expected_length(entry)} bytes expected)",
+            name,
+            E.LayoutError,
+        )
+    return entry
+
+
+def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
+    name = entry.name
+    if entry.dtype not in FLOAT_DTYPES:
+        _fail(path, f"packed tensors decode to floats; dtype {entry.dtype!r} is invalid", name)
+    for key in ("bits", "dequant", "granularity", "scale", "zero_point"):
+        if key not in raw:
+            _fail(path, f"packed tensor lacks the required key {key!r}", name)
+    bits = raw["bits"]
+    if type(bits) is not int or not 1 <= bits <= 8:
+        _fail(path, f"bits must be an integer from 1 to 8, got {bits!r}", name)
+    dequant = _text(raw["dequant"], "dequant", path, name)
+    if dequant != "affine":
+        _fail(path, f"unsupported dequantization {dequant!r}", name, E.UnsupportedError)
+    granularity = _text(raw["granularity"], "granularity", path, name)
+    if granularity not in GRANULARITIES:
+        _fail(path, f"unsupported granularity {granularity!r}", name, E.UnsupportedError)
+    if granularity == "channel" and not entry.shape:
+        _fail(path, "per-channel quantization needs at least one dimension", name)
+    count = entry.shape[0] if granularity == "channel" else 1
+    scheme = raw.get("scheme")
+    if scheme is not None:
+        _text(scheme, "scheme", path, name)
+    entry.bits = bits
+    entry.dequant = dequant
+    entry.granularity = granularity
+    entry.scheme = scheme
+    entry.scale = _f32_array(raw["scale"], count, "scale", path, name)
+    entry.zero_point = _f32_array(raw["zero_point"], count, "zero_point", path, name)

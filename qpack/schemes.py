@@ -1,0 +1,130 @@
+"""Quantization schemes (spec/FORMAT.md section 6).
+
+A scheme turns a float tensor into unsigned ``bits``-bit codes plus float32 ``scale`` and
+``zero_point`` arrays (one entry per tensor, or one per output channel along axis 0).
+Every scheme is decoded by the same affine rule, evaluated in IEEE float32::
+
+    w = scale * (float32(q) - zero_point)
+
+so the decoder does not need to know which scheme produced a file: the scheme name in the
+header is informational. Quantizing runs in numpy; only decoding must be bit-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "SCHEMES",
+    "DEFAULT_SCHEME",
+    "Quantized",
+    "quantize",
+    "dequantize",
+    "dequantize_table",
+]
+
+Granularity = Literal["tensor", "channel"]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Codes (uint8, C order, flattened) and the affine parameters that decode them."""
+
+    codes: np.ndarray
+    scale: np.ndarray  # float32, one per group
+    zero_point: np.ndarray  # float32, one per group
+    granularity: Granularity
+
+
+def _symmetric_per_layer(w: np.ndarray, bits: int) -> Quantized:
+    """The origin's quantizer: q = clip(round(w / max|w| * 2^(b-1)), -2^(b-1), 2^(b-1) - 1).
+
+    Evaluated in float32 exactly as the origin did, then stored as unsigned codes
+    ``q + 2^(b-1)`` with zero point ``2^(b-1)`` and scale ``max|w| / 2^(b-1)``, so the
+    decoded values equal the origin's ``q * max|w| / 2^(b-1)`` in float32.
+    """
+    half = np.float32(1 << (bits - 1))
+    peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
+    if not peak > 0:
+        peak = np.float32(1)  # all-zero tensor: every code decodes to 0
+    q = np.clip(np.round(w / peak * half), -half, half - 1)
+    codes = (q + half).astype(np.uint8)
+    return Quantized(
+        codes=codes.reshape(-1),
+        scale=np.array([peak / half], dtype=np.float32),
+        zero_point=np.array([half], dtype=np.float32),
+        granularity="tensor",
+    )
+
+
+def _asymmetric_per_channel(w: np.ndarray, bits: int) -> Quantized:
+    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
+
+    Holding 0 keeps the integer zero point inside the code range, so every weight lies
+    within half a step of the grid.
+    """
+    top = (1 << bits) - 1
+    channels = w.shape[0] if w.ndim else 1
+    inner = int(np.prod(w.shape[1:], dtype=np.int64))
+    rows = w.reshape(channels, inner).astype(np.float64)
+    if rows.shape[1] == 0:
+        lo = hi = np.zeros(channels)
+    else:
+        lo = np.minimum(rows.min(axis=1), 0.0)
+        hi = np.maximum(rows.max(axis=1), 0.0)
+    scale = ((hi - lo) / top).astype(np.float32)
+    scale[~(scale > 0)] = np.float32(1)  # constant-zero channel: any scale decodes to 0
+    step = scale.astype(np.float64)[:, None]
+    zero = np.clip(np.round(-lo / step[:, 0]), 0, top)
+    q = np.clip(np.round(rows / step) + zero[:, None], 0, top)
+    return Quantized(
+        codes=q.astype(np.uint8).reshape(-1),
+        scale=scale,
+        zero_point=zero.astype(np.float32),
+        granularity="channel",
+    )
+
+
+SCHEMES = {
+    "symmetric-per-layer": _symmetric_per_layer,
+    "asymmetric-per-channel": _asymmetric_per_channel,
+}
+DEFAULT_SCHEME = "asymmetric-per-channel"
+
+
+def quantize(w: np.ndarray, bits: int, scheme: str = DEFAULT_SCHEME) -> Quantized:
+    """Quantize a finite float array to ``bits``-bit codes with the named scheme."""
+    try:
+        fn = SCHEMES[scheme]
+    except KeyError:
+        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}") from None
+    if type(bits) is not int or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int from 1 to 8, got {bits!r}")
+    return fn(np.asarray(w, dtype=np.float32), bits)
+
+
+def dequantize_table(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """The decoded float32 value of every code for every group: shape (groups, 2**bits).
+
+    Two separate float32 operations, each rounded to nearest-even, in this order: the
+    subtraction ``float32(q) - zero_point`` and then the product with ``scale``.
+    """
+    levels = np.arange(1 << bits, dtype=np.float32)[None, :]
+    diff = levels - zero_point.astype(np.float32)[:, None]
+    return (scale.astype(np.float32)[:, None] * diff).astype(np.float32)
+
+
+def dequantize(
+    codes: np.ndarray, bits: int, scale: np.ndarray, zero_point: np.ndarray
+) -> np.ndarray:
+    """Decode flat codes to a flat float32 array; groups split the codes into equal runs."""
+    table = dequantize_table(bits, scale, zero_point)
+    groups = table.shape[0]
+    if groups == 1:
+        return table[0][codes]
+    per_group = codes.size // groups if groups else 0
+    rows = codes.reshape(groups, per_group)
+    return table[np.arange(groups)[:, None], rows].reshape(-1)
