@@ -140,7 +140,7 @@ def encode_chunks(
     scheme: str = DEFAULT_SCHEME,
     metadata: Mapping[str, str] | None = None,
 ) -> Iterator[bytes | np.ndarray]:
-    """Encode ``(name, array, dtype)`` items; yields the file's bytes in order."""
+    """Encode ``(name, array, dtype)`` items; returns the file's bytes as chunks in order."""
     items = list(items)
     names = [name for name, _, _ in items]
     if len(set(names)) != len(names):
@@ -158,12 +158,20 @@ def encode_chunks(
         encode_tensor(name, array, dtype, _bits_for(name, array, dtype, bits), scheme)
         for name, array, dtype in items
     ]
+    return serialize(encoded, meta)
+
+
+def serialize(
+    encoded: list[tuple[TensorEntry, np.ndarray | bytes]], metadata: Mapping[str, str]
+) -> Iterator[bytes | np.ndarray]:
+    """Lay out encoded tensors canonically; yields the header, padding and payloads in order."""
     entries = [entry for entry, _ in encoded]
-    data_size = layout(entries, [entry.length for entry in entries])
-    head = build_header(entries, meta, data_size)
+    data_size = layout(entries)
+    head = build_header(entries, dict(metadata), data_size)
     yield head
     data_start = align(len(head))
-    position = len(head)
+    yield bytes(data_start - len(head))
+    position = data_start
     for entry, payload in encoded:
         start = data_start + entry.offset
         if start > position:

@@ -138,18 +138,22 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
     )
     if len(body) > MAX_HEADER_BYTES:
         raise E.EncodeError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
-    head = _PREAMBLE.pack(MAGIC, *VERSION, 0, len(body))
+    return frame_header(body)
+
+
+def frame_header(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
+    """Prefix msgpack header bytes with the preamble (magic, version, CRC, length)."""
+    head = _PREAMBLE.pack(MAGIC, *version, 0, len(body))
     crc = zlib.crc32(body, zlib.crc32(head[:12]))
-    return _PREAMBLE.pack(MAGIC, *VERSION, crc, len(body)) + body
+    return _PREAMBLE.pack(MAGIC, *version, crc, len(body)) + body
 
 
-def layout(entries: list[TensorEntry], lengths: list[int]) -> int:
-    """Assign aligned, in-order offsets; return the data section size."""
+def layout(entries: list[TensorEntry]) -> int:
+    """Assign each entry its canonical offset (spec section 3); return the data size."""
     end = 0
-    for entry, length in zip(entries, lengths, strict=True):
+    for entry in entries:
         entry.offset = align(end)
-        entry.length = length
-        end = entry.offset + length
+        end = entry.offset + entry.length
     return end
 
 
@@ -195,7 +199,8 @@ def read_header(read_at: Callable[[int, int], bytes], file_size: int, path=None)
             body, raw=False, use_list=True, object_pairs_hook=_no_duplicates, strict_map_key=True
         )
     except Exception as exc:  # any decoding failure of untrusted bytes is a bad header
-        raise E.HeaderError(f"header is not valid msgpack ({exc})", path=path) from None
+        why = str(exc) or type(exc).__name__
+        raise E.HeaderError(f"header is not valid msgpack ({why})", path=path) from None
     header = _validate(obj, (major, minor), path)
     header.header_len = header_len
     header.data_start = align(PREAMBLE_SIZE + header_len)

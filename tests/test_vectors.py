@@ -1,0 +1,88 @@
+"""Conformance: every committed vector decodes (or fails) exactly as the manifest says, and
+the committed files are exactly what tools/make_vectors.py builds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qpack
+from qpack.codec import Reader
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "spec" / "vectors"
+MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "tools/make_vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_enough_vectors():
+    assert len(MANIFEST["valid"]) >= 12
+    assert len(MANIFEST["invalid"]) >= 8
+    bits = {
+        t["bits"]
+        for v in MANIFEST["valid"]
+        for t in json.loads((VECTORS / v["expected"]).read_text())["tensors"]
+        if t["storage"] == "packed"
+    }
+    assert bits == set(range(1, 9))
+
+
+def test_committed_vectors_match_generator(tmp_path):
+    generated = _generator().build()
+    committed = {
+        p.relative_to(VECTORS).as_posix(): p.read_bytes() for p in VECTORS.rglob("*") if p.is_file()
+    }
+    assert sorted(generated) == sorted(committed)
+    drift = [name for name in generated if generated[name] != committed[name]]
+    assert not drift, f"spec/vectors drifted from tools/make_vectors.py: {drift}"
+
+
+@pytest.mark.parametrize("case", MANIFEST["valid"], ids=lambda c: c["file"])
+def test_valid_vector_decodes_bit_exactly(case):
+    blob = (VECTORS / case["file"]).read_bytes()
+    expected = json.loads((VECTORS / case["expected"]).read_text())
+    with Reader(blob) as reader:
+        assert reader.metadata == expected["metadata"]
+        decoded = list(reader.arrays())
+    assert [e.name for e, _ in decoded] == [t["name"] for t in expected["tensors"]]
+    for (entry, array), want in zip(decoded, expected["tensors"], strict=True):
+        assert list(array.shape) == want["shape"]
+        assert entry.dtype == want["dtype"] and entry.storage == want["storage"]
+        le = array.astype(array.dtype.newbyteorder("<"))
+        assert le.tobytes().hex() == want["data"], entry.name
+
+
+@pytest.mark.parametrize("case", MANIFEST["valid"], ids=lambda c: c["file"])
+def test_valid_vector_loads_through_every_api(case, tmp_path):
+    path = VECTORS / case["file"]
+    numpy_arrays = qpack.load_numpy(path)
+    tensors = qpack.load(path)
+    assert list(numpy_arrays) == list(tensors)
+    for name, tensor in tensors.items():
+        # numpy has no bfloat16: load_numpy widens it exactly to float32
+        as_numpy = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+        assert as_numpy.dtype == numpy_arrays[name].dtype
+        np.testing.assert_array_equal(as_numpy, numpy_arrays[name])
+
+
+@pytest.mark.parametrize("case", MANIFEST["invalid"], ids=lambda c: c["file"])
+def test_invalid_vector_raises_its_code(case):
+    path = VECTORS / case["file"]
+    cls = qpack.errors.ERROR_CLASSES[case["error"]]
+    with pytest.raises(cls) as info:
+        qpack.load_numpy(path)
+    assert info.value.code == case["error"]
+    assert str(path) in str(info.value)
+    with pytest.raises(cls):
+        qpack.decode(path.read_bytes())

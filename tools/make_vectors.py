@@ -1,0 +1,471 @@
+"""Build the conformance vectors in spec/vectors/ (byte-identically on every run).
+
+    python tools/make_vectors.py            # rewrite spec/vectors/
+    python tools/make_vectors.py --check    # exit 1 if the committed files differ
+
+Every valid vector ``valid/NAME.qpk`` has ``valid/NAME.json`` with the expected decoding:
+per tensor its shape, dtype, storage and ``data``, the hex of the little-endian bytes a
+conforming decoder produces (float32 values for packed tensors, the stored bytes for raw
+ones), plus informational ``codes`` and ``values``. ``manifest.json`` lists every vector;
+each invalid vector names the error code (spec section 8) a reader must raise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qpack import codec  # noqa: E402
+from qpack.bitpack import pack_codes, unpack_codes  # noqa: E402
+from qpack.container import TensorEntry, frame_header  # noqa: E402
+
+VECTORS = ROOT / "spec" / "vectors"
+META = {"producer": "qpack conformance vectors"}
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _file(items, *, bits=8, scheme="asymmetric-per-channel", metadata=None) -> bytes:
+    """A file made by the real encoder from (name, array) pairs."""
+    meta = dict(META, **(metadata or {}))
+    arrays = dict(items)
+    return codec.encode(arrays, bits=bits, scheme=scheme, metadata=meta)
+
+
+def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> bytes:
+    """A file whose codes and affine parameters are chosen by hand, not by a quantizer."""
+    payload = pack_codes(np.asarray(codes, dtype=np.uint8), bits)
+    entry = TensorEntry(
+        name,
+        tuple(shape),
+        "float32",
+        "packed",
+        0,
+        payload.size,
+        zlib.crc32(payload),
+        bits=bits,
+        scheme="handmade",
+        dequant="affine",
+        granularity=granularity,
+        scale=np.asarray(scale, dtype=np.float32),
+        zero_point=np.asarray(zero_point, dtype=np.float32),
+    )
+    return _join(codec.serialize([(entry, payload)], META))
+
+
+def _join(chunks) -> bytes:
+    return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)
+
+
+def valid_vectors() -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, description)."""
+    v: dict[str, tuple[bytes, str]] = {}
+    r = _rng(1)
+    v["bits1_per_tensor_15codes"] = (
+        _file(
+            [("w", r.normal(size=(3, 5)).astype(np.float32))], bits=1, scheme="symmetric-per-layer"
+        ),
+        "1-bit, per tensor (symmetric-per-layer), 15 codes: the last byte has 1 padding bit",
+    )
+    v["bits2_per_channel_odd"] = (
+        _file([("w", r.normal(size=(4, 3)).astype(np.float32))], bits=2),
+        "2-bit, per channel (4 channels of 3), 12 codes",
+    )
+    v["bits3_worked_example"] = (
+        _handmade((2, 4), 3, [1, 2, 3, 4, 5, 6, 7, 0], [0.5], [3.0], "tensor"),
+        "the spec's 3-bit worked example: codes 1..7,0 -> bytes D1 58 1F",
+    )
+    v["bits3_per_channel_13codes"] = (
+        _file([("w", r.normal(size=(1, 13)).astype(np.float32))], bits=3),
+        "3-bit, one channel, 13 codes (39 bits, 1 padding bit)",
+    )
+    v["bits4_worked_example"] = (
+        _handmade((3,), 4, [1, 2, 3], [0.25], [8.0], "tensor"),
+        "the spec's 4-bit worked example: codes 1,2,3 -> bytes 21 03",
+    )
+    v["bits4_per_channel_conv"] = (
+        _file([("conv.weight", (0.1 * r.normal(size=(4, 2, 3, 3))).astype(np.float32))], bits=4),
+        "4-bit per-channel conv weight (4, 2, 3, 3)",
+    )
+    v["bits5_per_tensor"] = (
+        _file(
+            [("w", r.normal(size=(3, 7)).astype(np.float32))], bits=5, scheme="symmetric-per-layer"
+        ),
+        "5-bit per tensor, 21 codes",
+    )
+    v["bits6_per_channel"] = (
+        _file([("w", r.uniform(-3, 1, size=(5, 5)).astype(np.float32))], bits=6),
+        "6-bit per channel, asymmetric ranges",
+    )
+    v["bits7_per_channel"] = (
+        _file([("w", r.normal(size=(2, 11)).astype(np.float32))], bits=7),
+        "7-bit per channel, 22 codes",
+    )
+    v["bits8_symmetric_origin"] = (
+        _file(
+            [("w", r.normal(size=(6, 6)).astype(np.float32))], bits=8, scheme="symmetric-per-layer"
+        ),
+        "8-bit, the origin's symmetric per-layer quantizer (zero point 128)",
+    )
+    v["affine_fractional_zero_point"] = (
+        _handmade((2, 3), 2, [0, 1, 2, 3, 2, 1], [0.1, -2.0], [1.5, 0.25], "channel"),
+        "hand-made affine parameters: fractional zero points and a negative scale",
+    )
+    v["raw_passthrough"] = (
+        _file(
+            [
+                ("bias32", r.normal(size=(5,)).astype(np.float32)),
+                ("half", r.normal(size=(2, 3)).astype(np.float16)),
+                ("double", r.normal(size=(2,)).astype(np.float64)),
+                ("steps", np.array([1, -2, 3], dtype=np.int64)),
+                ("int32", np.array([[7, -8]], dtype=np.int32)),
+                ("int16", np.array([-300], dtype=np.int16)),
+                ("int8", np.array([-5, 5], dtype=np.int8)),
+                ("mask", np.array([True, False, True])),
+                ("bytes", np.array([0, 255], dtype=np.uint8)),
+            ],
+            bits={"half": None, "double": None},
+        ),
+        "raw float32/float16/float64/int64/int32/int16/int8/bool/uint8 stored exactly",
+    )
+    v["raw_bfloat16"] = (_bfloat16_raw(), "a raw bfloat16 tensor (stored as bit patterns)")
+    v["scalar_and_empty"] = (
+        _file(
+            [
+                ("scalar", np.array(3.5, dtype=np.float32)),
+                ("count", np.array(42, dtype=np.int64)),
+                ("empty_raw", np.zeros((0, 4), dtype=np.float32)),
+                ("empty_packed", np.zeros((0, 3, 3), dtype=np.float32)),
+                ("after", np.ones((2, 2), dtype=np.float32)),
+            ],
+            bits=4,
+        ),
+        "scalar tensors, an empty raw tensor and an empty packed tensor (length 0)",
+    )
+    v["metadata_only"] = (
+        _file([], metadata={"model": "UNet576k", "note": "naïve ünïcode ✓", "empty": ""}),
+        "no tensors; metadata with non-ASCII text",
+    )
+    v["mini_unet_block"] = (
+        _file(
+            [
+                ("conv.weight", (0.2 * r.normal(size=(8, 4, 3, 3))).astype(np.float32)),
+                ("conv.bias", (0.01 * r.normal(size=(8,))).astype(np.float32)),
+                ("num_batches_tracked", np.array(7, dtype=np.int64)),
+                ("fc.weight", r.normal(size=(3, 8)).astype(np.float32)),
+            ],
+            bits={"conv.weight": 3, "fc.weight": 8},
+            metadata={"model": "mini"},
+        ),
+        "a small model: 3-bit conv weight, 8-bit linear weight, raw bias and counter",
+    )
+    v["future_minor_version"] = (
+        _future_minor(v["mini_unet_block"][0]),
+        "version 1.99 with unknown optional keys: a 1.x reader ignores them and decodes",
+    )
+    return v
+
+
+def _future_minor(base: bytes) -> bytes:
+    header, _, data = _parts(base)
+    header["added_in_1_99"] = {"anything": [1, 2.5, None]}
+    header["tensors"][0]["hint"] = "ignored by 1.0 readers"
+    return _reframe(header, data, (1, 99))
+
+
+def _bfloat16_raw() -> bytes:
+    bits16 = np.array([0x3F80, 0xC000, 0x7F7F, 0x0001], dtype="<u2")  # 1, -2, max, tiny
+    entry = TensorEntry("bf16", (4,), "bfloat16", "raw", 0, 8, zlib.crc32(bits16.tobytes()))
+    return _join(codec.serialize([(entry, bits16.view(np.uint8))], META))
+
+
+# --------------------------------------------------------------------------- invalid
+
+
+def _parts(blob: bytes) -> tuple[dict, int, bytes]:
+    """Split a valid file into (header object, data start, data section)."""
+    header_len = int.from_bytes(blob[16:24], "little")
+    header = msgpack.unpackb(blob[24 : 24 + header_len], raw=False)
+    start = -(-(24 + header_len) // 64) * 64
+    return header, start, blob[start:]
+
+
+def _reframe(header: dict, data: bytes, version=(1, 0)) -> bytes:
+    """Rebuild a file around a modified header, keeping the header CRC valid."""
+    head = frame_header(msgpack.packb(header, use_bin_type=True), version)
+    return head + bytes(-len(head) % 64) + data
+
+
+def _mutate(blob: bytes, fn) -> bytes:
+    header, _, data = _parts(blob)
+    data = fn(header, data)
+    return _reframe(header, data if data is not None else _parts(blob)[2])
+
+
+def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
+    """name -> (file bytes, expected error code, description); ``base`` is a valid file."""
+    header_len = int.from_bytes(base[16:24], "little")
+    inv: dict[str, tuple[bytes, str, str]] = {}
+
+    def add(name, blob, code, text):
+        inv[name] = (blob, code, text)
+
+    def set_key(index, key, value):
+        def fn(header, data):
+            header["tensors"][index][key] = value
+
+        return fn
+
+    add("bad_magic", b"GGUF" + base[4:], "bad-magic", "the first bytes are not the magic")
+    add("empty_file", b"", "truncated", "a zero-byte file")
+    add("truncated_preamble", base[:20], "truncated", "cut inside the 24-byte preamble")
+    add("truncated_header", base[: 24 + header_len // 2], "truncated", "cut inside the header")
+    add("truncated_data", base[:-3], "truncated", "the last 3 data bytes are missing")
+    add("trailing_bytes", base + b"\x00", "bad-layout", "one byte after the data section")
+    flipped = bytearray(base)
+    flipped[24 + header_len // 2] ^= 0x10
+    add("header_checksum", bytes(flipped), "header-checksum", "one header bit flipped")
+    flipped = bytearray(base)
+    flipped[-1] ^= 0x01
+    add("data_checksum", bytes(flipped), "data-checksum", "one data bit flipped")
+    header, _, data = _parts(base)
+    add("major_version_2", _reframe(header, data, (2, 0)), "unsupported-version", "major version 2")
+    huge = bytearray(base)
+    huge[16:24] = (1 << 40).to_bytes(8, "little")
+    add("oversized_header", bytes(huge), "header-too-large", "header_len of 1 TiB")
+    add("not_msgpack", _rebody(b"\xc1" * 16), "bad-header", "the header is not msgpack")
+    add(
+        "header_not_a_map",
+        _rebody(msgpack.packb([1, 2, 3])),
+        "bad-header",
+        "the header is an array, not a map",
+    )
+    add(
+        "duplicate_map_key",
+        _rebody(b"\x82\xa4data\x00\xa4data\x00"),
+        "bad-header",
+        "a map with the same key twice",
+    )
+    add(
+        "offset_out_of_range",
+        _mutate(base, _grow_offset),
+        "bad-layout",
+        "the last tensor's bytes run past data_size",
+    )
+    add(
+        "overlapping_data",
+        _mutate(base, set_key(1, "offset", 0)),
+        "bad-layout",
+        "the second tensor's offset points into the first",
+    )
+    add("bits_0", _mutate(base, set_key(0, "bits", 0)), "bad-header", "bits = 0")
+    add("bits_9", _mutate(base, set_key(0, "bits", 9)), "bad-header", "bits = 9")
+    add(
+        "bits_bool",
+        _mutate(base, set_key(0, "bits", True)),
+        "bad-header",
+        "bits is a msgpack boolean, not an integer",
+    )
+    add(
+        "shape_length_mismatch",
+        _mutate(base, set_key(0, "shape", [8, 4, 3, 2])),
+        "bad-layout",
+        "the shape needs more bytes than length says",
+    )
+    add(
+        "negative_dimension",
+        _mutate(base, set_key(0, "shape", [-8, 4, 3, 3])),
+        "bad-header",
+        "a negative dimension",
+    )
+    add("nan_scale", _mutate(base, _nan_scale), "bad-header", "a NaN scale")
+    add(
+        "scale_count_mismatch",
+        _mutate(base, set_key(0, "scale", b"\0\0\x80\x3f")),
+        "bad-header",
+        "per-channel tensor with one scale",
+    )
+    add(
+        "duplicate_names",
+        _mutate(base, set_key(1, "name", "conv.weight")),
+        "bad-header",
+        "two tensors with the same name",
+    )
+    add(
+        "unknown_storage",
+        _mutate(base, set_key(0, "storage", "huffman9")),
+        "unsupported-feature",
+        "a storage kind this reader does not know",
+    )
+    add(
+        "unknown_dequant",
+        _mutate(base, set_key(0, "dequant", "codebook9")),
+        "unsupported-feature",
+        "a dequantization this reader does not know",
+    )
+    add(
+        "missing_crc32",
+        _mutate(base, _drop_key(0, "crc32")),
+        "bad-header",
+        "a tensor without its crc32",
+    )
+    add(
+        "nonzero_padding_bits",
+        _padding_bits(),
+        "bad-data",
+        "a set bit after the last code, with a CRC that covers it",
+    )
+    add(
+        "nonzero_alignment_padding",
+        _alignment_padding(base),
+        "bad-data",
+        "a nonzero byte between the header and the data section",
+    )
+    return inv
+
+
+def _rebody(body: bytes) -> bytes:
+    head = frame_header(body)
+    return head + bytes(-len(head) % 64)
+
+
+def _grow_offset(header, data):
+    last = header["tensors"][-1]  # an 8-bit tensor: one byte per element
+    last["shape"][1] += 64
+    last["length"] += 64 * last["shape"][0]  # keep shape and length consistent
+
+
+def _nan_scale(header, data):
+    header["tensors"][0]["scale"] = np.full(8, np.nan, dtype="<f4").tobytes()
+
+
+def _drop_key(index, key):
+    def fn(header, data):
+        del header["tensors"][index][key]
+
+    return fn
+
+
+def _padding_bits() -> bytes:
+    payload = bytearray(pack_codes(np.array([1, 2, 3], dtype=np.uint8), 3))  # 9 bits
+    payload[-1] |= 0x80
+    entry = TensorEntry(
+        "w",
+        (3,),
+        "float32",
+        "packed",
+        0,
+        len(payload),
+        zlib.crc32(payload),
+        bits=3,
+        dequant="affine",
+        granularity="tensor",
+        scale=np.ones(1, np.float32),
+        zero_point=np.zeros(1, np.float32),
+    )
+    return _join(codec.serialize([(entry, bytes(payload))], META))
+
+
+def _alignment_padding(base: bytes) -> bytes:
+    header_len = int.from_bytes(base[16:24], "little")
+    blob = bytearray(base)
+    gap = 24 + header_len
+    assert gap % 64, "the base vector must have alignment padding after its header"
+    blob[gap] = 0xAA
+    return bytes(blob)
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def expectation(blob: bytes) -> dict:
+    """The expected decoding of a valid vector, computed by the reference decoder."""
+    reader = codec.Reader(blob)
+    tensors = []
+    for entry, array in reader.arrays():
+        row = {
+            "name": entry.name,
+            "shape": list(entry.shape),
+            "dtype": entry.dtype,
+            "storage": entry.storage,
+        }
+        if entry.storage == "packed":
+            row["bits"] = entry.bits
+            row["granularity"] = entry.granularity
+            row["decoded_dtype"] = "float32"
+            payload = reader.payload(entry)
+            row["codes"] = unpack_codes(payload, entry.bits, entry.numel).tolist()
+            le = array.astype("<f4")
+        else:
+            row["decoded_dtype"] = entry.dtype
+            le = array.astype(array.dtype.newbyteorder("<"))
+        row["data"] = le.tobytes().hex()
+        if entry.dtype != "bfloat16" or entry.storage == "packed":
+            row["values"] = array.reshape(-1).tolist()
+        tensors.append(row)
+    return {"metadata": reader.metadata, "tensors": tensors}
+
+
+def build() -> dict[str, bytes]:
+    """Every file under spec/vectors/, relative path -> bytes."""
+    files: dict[str, bytes] = {}
+    manifest = {"valid": [], "invalid": []}
+    valid = valid_vectors()
+    for name, (blob, text) in valid.items():
+        files[f"valid/{name}.qpk"] = blob
+        files[f"valid/{name}.json"] = _dump(expectation(blob))
+        manifest["valid"].append(
+            {"file": f"valid/{name}.qpk", "expected": f"valid/{name}.json", "description": text}
+        )
+    for name, (blob, code, text) in invalid_vectors(valid["mini_unet_block"][0]).items():
+        files[f"invalid/{name}.qpk"] = blob
+        manifest["invalid"].append(
+            {"file": f"invalid/{name}.qpk", "error": code, "description": text}
+        )
+    files["manifest.json"] = _dump(manifest)
+    return files
+
+
+def _dump(obj) -> bytes:
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare, do not write")
+    parser.add_argument("--out", type=Path, default=VECTORS)
+    args = parser.parse_args(argv)
+    files = build()
+    if args.check:
+        present = {p.relative_to(args.out).as_posix() for p in args.out.rglob("*") if p.is_file()}
+        drift = sorted(
+            name
+            for name in files.keys() | present
+            if name not in files
+            or name not in present
+            or (args.out / name).read_bytes() != files[name]
+        )
+        for name in drift:
+            print(f"differs: {name}")
+        return 1 if drift else 0
+    for name, blob in files.items():
+        path = args.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    print(f"wrote {len(files)} files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
