@@ -31,7 +31,7 @@ from .container import (
     layout,
     read_header,
 )
-from .schemes import DEFAULT_SCHEME, SCHEMES, dequantize, quantize
+from .schemes import DEFAULT_SCHEME, SCHEMES, dequantize, dequantize_table, quantize
 
 BitsOption = int | Mapping[str, "int | None"]
 
@@ -53,8 +53,9 @@ DEFAULT_BITS = 8
 
 def dtype_name(array: np.ndarray) -> str:
     """The header dtype of a numpy array (bfloat16 arrays come from the torch layer)."""
+    native = array.dtype.newbyteorder("=")  # big-endian input is converted on write
     for name, np_dtype in NUMPY_DTYPES.items():
-        if name != "bfloat16" and array.dtype == np.dtype(np_dtype).newbyteorder("="):
+        if name != "bfloat16" and native == np.dtype(np_dtype).newbyteorder("="):
             return name
     raise E.EncodeError(f"dtype {array.dtype} cannot be stored")
 
@@ -114,6 +115,12 @@ def encode_tensor(
             tensor=name,
         )
     q = quantize(values, bits, scheme)
+    if not np.isfinite(dequantize_table(bits, q.scale, q.zero_point)).all():
+        raise E.EncodeError(
+            f"values near the float32 limit (max |w| = {np.abs(values).max():.3g}) overflow "
+            f"when quantized to {bits} bits; keep this tensor raw",
+            tensor=name,
+        )
     payload = pack_codes(q.codes, bits)
     entry = TensorEntry(
         name,
@@ -181,22 +188,34 @@ def serialize(
 
 
 def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) -> None:
-    """Write chunks to a temporary file beside ``path``, fsync, then rename over it."""
+    """Write chunks to a temporary file beside ``path``, fsync, then rename over it, so
+    ``path`` holds either its previous content or the complete new file, never a mix.
+    I/O failures raise :class:`~qpack.errors.WriteError` (also an ``OSError``)."""
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    folder = target.parent
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, E.QpackError):
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise E.WriteError(f"cannot write ({reason})", path=target) from exc
         raise
-    try:  # make the rename itself durable; not every platform can open a directory
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable; not every platform or file system can open a directory."""
+    try:
         dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
@@ -333,6 +352,8 @@ def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
     """Turn one tensor's checked bytes into an array of its shape."""
     if entry.storage == "raw":
         out = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype]).reshape(entry.shape)
+        if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
+            raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
         return out.astype(out.dtype.newbyteorder("="))
     if not padding_is_zero(data, entry.bits, entry.numel):
         raise E.DataError(

@@ -144,8 +144,13 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
 def frame_header(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
     """Prefix msgpack header bytes with the preamble (magic, version, CRC, length)."""
     head = _PREAMBLE.pack(MAGIC, *version, 0, len(body))
-    crc = zlib.crc32(body, zlib.crc32(head[:12]))
-    return _PREAMBLE.pack(MAGIC, *version, crc, len(body)) + body
+    return _PREAMBLE.pack(MAGIC, *version, header_crc(head, body), len(body)) + body
+
+
+def header_crc(preamble: bytes, body: bytes) -> int:
+    """CRC-32 of the preamble without its CRC field (bytes [0, 12) and [16, 24)), then the
+    header body: every byte before the data section except the CRC and the padding."""
+    return zlib.crc32(body, zlib.crc32(preamble[16:24], zlib.crc32(preamble[:12])))
 
 
 def layout(entries: list[TensorEntry]) -> int:
@@ -160,10 +165,13 @@ def layout(entries: list[TensorEntry]) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-def _no_duplicates(pairs: list) -> dict:
+def _str_keyed_map(pairs: list) -> dict:
+    """msgpack map hook: every key a str (not bin), none repeated (spec section 4)."""
     out = dict(pairs)
     if len(out) != len(pairs):
         raise ValueError("duplicate key in a msgpack map")
+    if not all(type(key) is str for key in out):
+        raise ValueError("a msgpack map key is not a string")
     return out
 
 
@@ -192,11 +200,11 @@ def read_header(read_at: Callable[[int, int], bytes], file_size: int, path=None)
             path=path,
         )
     body = read_at(PREAMBLE_SIZE, header_len)
-    if zlib.crc32(body, zlib.crc32(head[:12])) != crc:
+    if header_crc(head, body) != crc:
         raise E.HeaderChecksumError("header checksum mismatch (corrupted header)", path=path)
     try:
         obj = msgpack.unpackb(
-            body, raw=False, use_list=True, object_pairs_hook=_no_duplicates, strict_map_key=True
+            body, raw=False, use_list=True, object_pairs_hook=_str_keyed_map, strict_map_key=True
         )
     except Exception as exc:  # any decoding failure of untrusted bytes is a bad header
         why = str(exc) or type(exc).__name__

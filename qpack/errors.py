@@ -86,6 +86,12 @@ class DataError(QpackError):
     code = "bad-data"
 
 
+class WriteError(QpackError, OSError):
+    """The output file could not be written (the previous file, if any, is left intact)."""
+
+    code = "write-failed"
+
+
 class EncodeError(QpackError, ValueError):
     """The input given to the encoder cannot be stored (NaN weights, bad options...)."""
 

@@ -332,7 +332,14 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         "bad-data",
         "a nonzero byte between the header and the data section",
     )
+    add("bool_byte_2", _bad_bool(), "bad-data", "a raw bool byte of 0x02")
     return inv
+
+
+def _bad_bool() -> bytes:
+    payload = np.array([1, 2, 0], dtype=np.uint8)
+    entry = TensorEntry("mask", (3,), "bool", "raw", 0, 3, zlib.crc32(payload.tobytes()))
+    return _join(codec.serialize([(entry, payload)], META))
 
 
 def _rebody(body: bytes) -> bytes:

@@ -1,0 +1,494 @@
+"""The ``qpack`` command line: pack, unpack, inspect, verify and demo.
+
+Each subcommand is a thin layer over the library. Problems with a file or an argument are
+reported as one line, ``qpack: error: <message>``, on stderr: exit status 1 for bad data
+(missing, unreadable or corrupted files, inputs that are not checkpoints, unwritable
+outputs), 2 for bad usage, 130 on Ctrl-C. Outputs are written atomically, so a failed
+command leaves no partial file behind.
+
+torch is imported only by the subcommands that need it, so ``inspect`` and ``verify`` start
+quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from . import errors as E
+from .codec import Reader, describe, write_atomic
+from .schemes import DEFAULT_SCHEME, SCHEMES
+
+__all__ = ["CheckpointError", "build_parser", "main", "read_checkpoint", "totals"]
+
+PROG = "qpack"
+#: Keys under which a training checkpoint commonly wraps its state_dict, in order of preference.
+WRAPPER_KEYS = ("state_dict", "model")
+
+
+class CheckpointError(E.QpackError):
+    """An input given as a PyTorch checkpoint cannot be read as a state_dict."""
+
+    code = "not-a-checkpoint"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _first_line(text: str) -> str:
+    for line in str(text).splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    head, dot, _ = text.partition(". ")
+    text = head if dot else text.rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_BOILERPLATE = (
+    "weights only load failed",
+    "please file an issue",
+    "check the documentation",
+    "(1)",
+    "(2)",
+)
+
+
+def _torch_load_message(exc: BaseException) -> str:
+    """A one-line reason out of torch.load's (often many-line) error messages."""
+    text = str(exc)
+    if "weights only load failed" in text.lower():
+        marker = "WeightsUnpickler error:"
+        if marker in text:
+            details = text.split(marker, 1)[1].strip().split("\n\n")[0]
+        else:
+            details = " ".join(
+                line.strip()
+                for line in text.splitlines()
+                if line.strip() and not line.strip().lower().startswith(_BOILERPLATE)
+            )
+        reason = _first_sentence(details)
+        return "refused to load: unsafe or unsupported pickle content" + (
+            f" ({reason})" if reason else ""
+        )
+    detail = _first_sentence(_first_line(text))
+    kind = type(exc).__name__
+    return f"not a readable PyTorch checkpoint ({kind}{': ' + detail if detail else ''})"
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """Whether a file torch.load failed on at least starts like one of torch.save's formats
+    (a zip archive, or a legacy pickle stream); only used to word the error message."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return head.startswith((b"PK\x03\x04", b"\x80"))
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """Read a ``.pt`` file safely (``weights_only=True``) and return its state_dict.
+
+    Accepts a plain state_dict or a dict wrapping one under ``"state_dict"`` or ``"model"``;
+    returns ``(state_dict, wrapper_key_or_None)``. Raises :class:`CheckpointError` (a
+    :class:`~qpack.QpackError`) naming the file when it cannot be opened, when unpickling is
+    refused, or when it holds no tensors.
+    """
+    import torch
+
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise CheckpointError("is a directory, not a checkpoint file", path=name)
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol: errors only
+            warnings.simplefilter("ignore")
+            obj = torch.load(name, weights_only=True, map_location="cpu")
+    except OSError as exc:
+        reason = exc.strerror or _first_line(str(exc)) or type(exc).__name__
+        raise CheckpointError(f"cannot open ({reason})", path=name) from None
+    except Exception as exc:  # torch.load raises many kinds for a bad or hostile file
+        if not _looks_like_torch_file(name):
+            raise CheckpointError(
+                "not a PyTorch checkpoint (neither a zip archive nor a pickle)", path=name
+            ) from None
+        raise CheckpointError(_torch_load_message(exc), path=name) from None
+
+    wrapper = None
+    state = obj
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(_is_tensor(v) for v in inner.values()):
+                state, wrapper = inner, key
+                break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"not a checkpoint: holds {_a(type(obj).__name__)}, not a state_dict", path=name
+        )
+    if not any(_is_tensor(v) for v in state.values()):
+        raise CheckpointError(
+            "not a checkpoint: a dict without tensors "
+            f"(and no state_dict under {' or '.join(repr(k) for k in WRAPPER_KEYS)})",
+            path=name,
+        )
+    return dict(state), wrapper
+
+
+def totals(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Totals over a :func:`qpack.inspect` dict: tensor and parameter counts, file size,
+    the float32 size of the same parameters (4 bytes each) and the compression ratio."""
+    params = sum(_numel(t["shape"]) for t in info["tensors"])
+    float32_bytes = 4 * params
+    file_size = int(info["file_size"])
+    return {
+        "tensors": len(info["tensors"]),
+        "parameters": params,
+        "file_size": file_size,
+        "float32_bytes": float32_bytes,
+        "ratio": float32_bytes / file_size if file_size else 0.0,
+    }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _bits_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be an integer from 1 to 8, got {text!r}"
+        ) from None
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {value}")
+    return value
+
+
+def _metadata_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"metadata must be KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors printed as ``qpack: error: ...`` after the usage line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        sub = self.prog.removeprefix(PROG).strip()
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"{PROG}: error: {where}{message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Pack, inspect and verify quantized neural-network weights (.qpk files).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    schemes = list(SCHEMES)
+
+    p = sub.add_parser(
+        "pack",
+        help="quantize a PyTorch checkpoint (.pt) into a .qpk file",
+        description="Quantize a PyTorch state_dict (.pt, read with weights_only=True) into a "
+        ".qpk file. Floating tensors with two or more dimensions are quantized; biases and "
+        "integer buffers are stored exactly. A dict wrapping the state_dict under "
+        "'state_dict' or 'model' is accepted.",
+    )
+    p.add_argument("input", metavar="IN", help="input checkpoint (.pt)")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="output .qpk file")
+    p.add_argument(
+        "--bits", type=_bits_arg, default=8, metavar="{1..8}", help="bits per weight (default 8)"
+    )
+    p.add_argument(
+        "--scheme",
+        choices=schemes,
+        default=DEFAULT_SCHEME,
+        help=f"quantization scheme (default {DEFAULT_SCHEME})",
+    )
+    p.add_argument(
+        "--metadata",
+        type=_metadata_arg,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra metadata strings to record in the header (repeatable)",
+    )
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser(
+        "unpack",
+        help="decode a .qpk file back to a float PyTorch state_dict (.pt)",
+        description="Decode every tensor of a .qpk file and write the state_dict with "
+        "torch.save (atomically).",
+    )
+    p.add_argument("input", metavar="IN", help="input .qpk file")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="output .pt file")
+    p.set_defaults(func=cmd_unpack)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show a .qpk file's tensors, sizes and compression ratio",
+        description="Print a per-tensor table (from the header only) and totals: tensors, "
+        "parameters, file size, float32 size (4 bytes per parameter) and compression ratio.",
+    )
+    p.add_argument("input", metavar="IN", help="input .qpk file")
+    p.add_argument(
+        "--json", action="store_true", help="print the header as JSON, plus a 'totals' object"
+    )
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "verify",
+        help="check every checksum and decode every tensor of a .qpk file",
+        description="Check the header and every tensor checksum, padding and alignment byte, "
+        "and decode every tensor. Exits 0 if the file is valid, 1 otherwise.",
+    )
+    p.add_argument("input", metavar="IN", help="input .qpk file")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "demo",
+        help="quantize the reference UNet and compare accuracy at several bit widths",
+        description="Pack the reference UNet at each bit width into a temporary folder, load "
+        "every file back into the model (strict), and evaluate it on held-out synthetic "
+        "patches against the float32 model: size, compression ratio, dice, IoU and mean "
+        "|probability difference|.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        default=None,
+        help="UNet state_dict (.pt) to use instead of the embedded trained checkpoint",
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=500,
+        metavar="N",
+        help="held-out patches to evaluate (default 500)",
+    )
+    p.add_argument(
+        "--bits",
+        type=_bits_arg,
+        nargs="+",
+        default=[8, 4, 3],
+        metavar="B",
+        help="bit widths to try (default: 8 4 3)",
+    )
+    p.add_argument(
+        "--scheme",
+        choices=schemes,
+        default=DEFAULT_SCHEME,
+        help=f"quantization scheme (default {DEFAULT_SCHEME})",
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .api import save
+
+    state, wrapper = read_checkpoint(args.input)
+    metadata = {"source": Path(args.input).name}
+    if wrapper is not None:
+        metadata["source_key"] = wrapper
+    metadata.update(dict(args.metadata))
+    save(state, args.output, bits=args.bits, scheme=args.scheme, metadata=metadata)
+
+    size = os.path.getsize(args.output)
+    params = sum(_numel(v.shape) for v in state.values() if _is_tensor(v))
+    float32_bytes = 4 * params
+    ratio = float32_bytes / size if size else 0.0
+    print(
+        f"packed {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "
+        f"{size:,} bytes ({args.bits}-bit {args.scheme}), {ratio:.2f}x smaller than "
+        f"float32 ({float32_bytes:,} bytes)"
+    )
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import load
+
+    state = load(args.input)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(args.output, [buffer.getbuffer()])
+    params = sum(t.numel() for t in state.values())
+    print(
+        f"unpacked {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "
+        f"{os.path.getsize(args.output):,} bytes"
+    )
+    return 0
+
+
+def _format_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def format_inspect(info: Mapping[str, Any]) -> str:
+    """The human-readable ``qpack inspect`` report for a :func:`qpack.inspect` dict."""
+    head = ("name", "shape", "dtype", "bits", "scheme", "granularity", "bytes")
+    rows = [
+        (
+            t["name"],
+            _format_shape(t["shape"]),
+            t["dtype"],
+            str(t["bits"]),
+            t["scheme"],
+            t.get("granularity") or "-",
+            f"{t['bytes']:,}",
+        )
+        for t in info["tensors"]
+    ]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    right = {3, 6}  # numeric columns
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        return "  ".join(cells).rstrip()
+
+    tot = totals(info)
+    out = [f"{info['path']}: qpack format {info['version']}"]
+    for key, value in info["metadata"].items():
+        out.append(f"  {key}: {value}")
+    out += ["", line(head), line(["-" * w for w in widths])]
+    out += [line(row) for row in rows]
+    out += [
+        "",
+        f"tensors:      {tot['tensors']:,}",
+        f"parameters:   {tot['parameters']:,}",
+        f"file size:    {tot['file_size']:,} bytes",
+        f"float32 size: {tot['float32_bytes']:,} bytes (4 bytes per parameter)",
+        f"ratio:        {tot['ratio']:.2f}x",
+    ]
+    return "\n".join(out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with Reader(args.input) as reader:
+        info = describe(reader)
+    if args.json:
+        print(json.dumps({**info, "totals": totals(info)}, indent=2))
+    else:
+        print(format_inspect(info))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with Reader(args.input) as reader:
+        reader.verify()
+        count = len(reader.keys())
+    print(f"OK {args.input}: {count} tensors, checksums valid")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from .demo import format_table, run_demo
+
+    started = time.perf_counter()
+    rows = run_demo(
+        checkpoint=args.checkpoint,
+        samples=args.samples,
+        bits=args.bits,
+        scheme=args.scheme,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(format_table(rows))
+    print(f"({args.samples} held-out patches, {time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"{PROG}: error: {_first_line(message) or message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version and usage errors
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        try:
+            return args.func(args)
+        except E.QpackError as exc:
+            return _fail(str(exc))
+        except BrokenPipeError:
+            # stdout went away (e.g. piped into `head`): not an error of ours.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError, io.UnsupportedOperation):
+                pass
+            return 1
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            return _fail(f"{where}{reason}")
+        except MemoryError:
+            return _fail("out of memory")
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
