@@ -15,6 +15,7 @@ import numpy as np
 from . import errors as E
 from .codec import (
     DEFAULT_BITS,
+    DEFAULT_ENTROPY,
     NUMPY_DTYPES,
     BitsOption,
     Reader,
@@ -56,6 +57,7 @@ def save(
     *,
     bits: BitsOption = DEFAULT_BITS,
     scheme: str = DEFAULT_SCHEME,
+    entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Quantize and write a state_dict (torch tensors or numpy arrays) to ``path``.
@@ -63,7 +65,9 @@ def save(
     Floating tensors with two or more dimensions (conv and linear weights) are quantized to
     ``bits`` bits with ``scheme``; the others (biases, integer buffers) are stored exactly.
     ``bits`` may instead map tensor names to bits (``None`` keeps that tensor exact); names
-    not in the mapping follow the rule above at 8 bits. The file is written atomically.
+    not in the mapping follow the rule above at 8 bits. With ``entropy`` the codes of each
+    tensor are Huffman-coded where that is smaller than fixed-width packing (lossless; the
+    decoded weights are identical). The file is written atomically.
     """
     if not isinstance(state_dict, Mapping):
         raise E.EncodeError(
@@ -71,7 +75,8 @@ def save(
         )
     try:
         items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
-        write_atomic(path, encode_chunks(items, bits=bits, scheme=scheme, metadata=metadata))
+        chunks = encode_chunks(items, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
+        write_atomic(path, chunks)
     except E.QpackError as exc:
         if exc.path is None:
             raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None

@@ -24,6 +24,7 @@ from .container import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
     PREAMBLE_SIZE,
+    QUANTIZED_KINDS,
     Header,
     TensorEntry,
     align,
@@ -31,7 +32,15 @@ from .container import (
     layout,
     read_header,
 )
-from .schemes import DEFAULT_SCHEME, SCHEMES, dequantize, dequantize_table, quantize
+from .entropy import (
+    best_group,
+    decode_symbols,
+    encode_symbols,
+    entropy_bits,
+    group_codes,
+    ungroup_symbols,
+)
+from .schemes import DEFAULT_SCHEME, SCHEMES, apply_table, dequantize_table, quantize
 
 BitsOption = int | Mapping[str, "int | None"]
 
@@ -49,6 +58,8 @@ NUMPY_DTYPES = {
     "bool": "?",
 }
 DEFAULT_BITS = 8
+# Huffman-code the quantized codes where that is smaller (it never makes a file larger).
+DEFAULT_ENTROPY = True
 
 
 def dtype_name(array: np.ndarray) -> str:
@@ -98,7 +109,12 @@ def _check_options(names: list[str], bits: BitsOption, scheme: str) -> None:
 
 
 def encode_tensor(
-    name: str, array: np.ndarray, dtype: str, bits: int | None, scheme: str
+    name: str,
+    array: np.ndarray,
+    dtype: str,
+    bits: int | None,
+    scheme: str,
+    entropy: bool = False,
 ) -> tuple[TensorEntry, np.ndarray]:
     """Build one tensor's header entry (offset not yet assigned) and its payload bytes."""
     shape = tuple(int(d) for d in array.shape)
@@ -121,15 +137,14 @@ def encode_tensor(
             f"when quantized to {bits} bits; keep this tensor raw",
             tensor=name,
         )
-    payload = pack_codes(q.codes, bits)
     entry = TensorEntry(
         name,
         shape,
         dtype,
         "packed",
         0,
-        payload.size,
-        zlib.crc32(payload),
+        0,
+        0,
         bits=bits,
         scheme=scheme,
         dequant="affine",
@@ -137,6 +152,13 @@ def encode_tensor(
         scale=q.scale,
         zero_point=q.zero_point,
     )
+    payload = pack_codes(q.codes, bits)
+    if entropy:
+        group, lengths, size = best_group(q.codes, bits)
+        if size < payload.size:  # the table is in `size`: fall back when Huffman loses
+            entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
+            payload = encode_symbols(group_codes(q.codes, bits, group), lengths)
+    entry.length, entry.crc32 = payload.size, zlib.crc32(payload)
     return entry, payload
 
 
@@ -145,6 +167,7 @@ def encode_chunks(
     *,
     bits: BitsOption = DEFAULT_BITS,
     scheme: str = DEFAULT_SCHEME,
+    entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> Iterator[bytes | np.ndarray]:
     """Encode ``(name, array, dtype)`` items; returns the file's bytes as chunks in order."""
@@ -162,7 +185,7 @@ def encode_chunks(
             raise E.EncodeError(f"metadata must map strings to strings ({key!r}: {value!r})")
         meta[key] = value
     encoded = [
-        encode_tensor(name, array, dtype, _bits_for(name, array, dtype, bits), scheme)
+        encode_tensor(name, array, dtype, _bits_for(name, array, dtype, bits), scheme, entropy)
         for name, array, dtype in items
     ]
     return serialize(encoded, meta)
@@ -232,14 +255,13 @@ def encode(
     *,
     bits: BitsOption = DEFAULT_BITS,
     scheme: str = DEFAULT_SCHEME,
+    entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
     """Encode a mapping of numpy arrays to the bytes of a .qpk file (no torch needed)."""
     items = [(name, np.asarray(a), dtype_name(np.asarray(a))) for name, a in arrays.items()]
-    return b"".join(
-        bytes(chunk) if isinstance(chunk, np.ndarray) else chunk
-        for chunk in encode_chunks(items, bits=bits, scheme=scheme, metadata=metadata)
-    )
+    chunks = encode_chunks(items, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
+    return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)
 
 
 # --------------------------------------------------------------------------- reading
@@ -355,13 +377,53 @@ def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
         if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
             raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
         return out.astype(out.dtype.newbyteorder("="))
+    table = dequantize_table(entry.bits, entry.scale, entry.zero_point)
+    if not np.isfinite(table).all():
+        raise E.HeaderError(
+            "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
+        )
+    return apply_table(table, decode_codes(entry, data, path)).reshape(entry.shape)
+
+
+def decode_codes(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
+    """The flat integer codes of a quantized tensor, after checking their padding."""
+    return (_huffman_codes if entry.storage == "huffman" else _packed_codes)(entry, data, path)
+
+
+def _packed_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
     if not padding_is_zero(data, entry.bits, entry.numel):
         raise E.DataError(
             "padding bits after the last code are not zero", path=path, tensor=entry.name
         )
-    codes = unpack_codes(data, entry.bits, entry.numel)
-    values = dequantize(codes, entry.bits, entry.scale, entry.zero_point)
-    return values.reshape(entry.shape)
+    return unpack_codes(data, entry.bits, entry.numel)
+
+
+def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
+    count = -(-entry.numel // entry.group)
+    try:
+        symbols, used = decode_symbols(data, entry.code_lengths, count)
+    except ValueError:
+        raise E.DataError(
+            f"Huffman stream ends early or holds an invalid codeword ({count} symbols expected)",
+            path=path,
+            tensor=entry.name,
+        ) from None
+    if -(-used // 8) != entry.length:
+        raise E.DataError(
+            f"Huffman stream of {used} bits does not fill its {entry.length} bytes",
+            path=path,
+            tensor=entry.name,
+        )
+    if used % 8 and data[-1] >> (used % 8):
+        raise E.DataError(
+            "padding bits after the last codeword are not zero", path=path, tensor=entry.name
+        )
+    codes, spare = ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
+    if spare.any():
+        raise E.DataError(
+            "codes padding the last symbol are not zero", path=path, tensor=entry.name
+        )
+    return codes
 
 
 def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
@@ -388,25 +450,33 @@ def _numpy_arrays(reader: Reader) -> dict[str, np.ndarray]:
     }
 
 
-def describe(reader: Reader) -> dict:
-    """The header as plain Python data (what ``qpack inspect`` shows)."""
+def describe(reader: Reader, stats: bool = False) -> dict:
+    """The header as plain Python data (what ``qpack inspect`` shows). With ``stats``, the
+    codes of quantized tensors are read to add their empirical entropy bound."""
     tensors = []
     for e in reader.header.tensors:
+        quantized = e.storage in QUANTIZED_KINDS
         row = {
             "name": e.name,
             "shape": list(e.shape),
             "dtype": e.dtype,
             "storage": e.storage,
-            "bits": e.bits if e.storage == "packed" else DTYPE_SIZES[e.dtype] * 8,
-            "scheme": e.scheme if e.storage == "packed" else "raw",
+            "bits": e.bits if quantized else DTYPE_SIZES[e.dtype] * 8,
+            "scheme": e.scheme if quantized else "raw",
             "offset": e.offset,
             "bytes": e.length,
             "crc32": f"{e.crc32:08x}",
+            "bits_per_weight": 8 * e.length / e.numel if e.numel else 0.0,
         }
-        if e.storage == "packed":
+        if quantized:
             row["granularity"] = e.granularity
             row["scale"] = [float(v) for v in e.scale]
             row["zero_point"] = [float(v) for v in e.zero_point]
+            if e.storage == "huffman":
+                row["group"] = e.group
+            if stats:
+                codes = decode_codes(e, reader.payload(e), reader.path)
+                row["entropy_bytes"] = entropy_bits(codes, 1 << e.bits) / 8
         tensors.append(row)
     return {
         "path": reader.path,

@@ -26,9 +26,10 @@ import numpy as np
 
 from . import errors as E
 from .bitpack import packed_size
+from .entropy import kraft_ok, pack_lengths, unpack_lengths
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-VERSION = (1, 0)
+VERSION = (1, 1)  # the newest version this module reads and writes
 PREAMBLE_SIZE = 24
 ALIGNMENT = 64
 
@@ -52,7 +53,8 @@ DTYPE_SIZES = {
     "bool": 1,
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-STORAGE_KINDS = ("raw", "packed")
+STORAGE_KINDS = ("raw", "packed", "huffman")
+QUANTIZED_KINDS = ("packed", "huffman")
 GRANULARITIES = ("tensor", "channel")
 
 _PREAMBLE = struct.Struct("<8sHHIQ")
@@ -80,6 +82,8 @@ class TensorEntry:
     granularity: str | None = None
     scale: np.ndarray | None = None
     zero_point: np.ndarray | None = None
+    group: int | None = None  # huffman: codes per symbol
+    code_lengths: np.ndarray | None = None  # huffman: length of each symbol's codeword
 
     @property
     def numel(self) -> int:
@@ -96,7 +100,7 @@ class TensorEntry:
             "length": self.length,
             "crc32": self.crc32,
         }
-        if self.storage == "packed":
+        if self.storage in QUANTIZED_KINDS:
             out["bits"] = self.bits
             out["dequant"] = self.dequant
             out["granularity"] = self.granularity
@@ -104,6 +108,9 @@ class TensorEntry:
             out["zero_point"] = self.zero_point.astype("<f4").tobytes()
             if self.scheme is not None:
                 out["scheme"] = self.scheme
+        if self.storage == "huffman":
+            out["group"] = self.group
+            out["code_lengths"] = pack_lengths(self.code_lengths)
         return out
 
 
@@ -138,7 +145,9 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
     )
     if len(body) > MAX_HEADER_BYTES:
         raise E.EncodeError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
-    return frame_header(body)
+    # the lowest minor version whose features the file uses (spec section 9)
+    minor = 1 if any(t.storage == "huffman" for t in tensors) else 0
+    return frame_header(body, (VERSION[0], minor))
 
 
 def frame_header(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
@@ -317,8 +326,10 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
     if type(shape) is not list or len(shape) > MAX_RANK:
         _fail(path, f"shape must be an array of at most {MAX_RANK} dimensions", name)
     dims = tuple(_uint(d, "each dimension", path, name, MAX_ELEMENTS + 1) for d in shape)
-    if 0 not in dims and math.prod(dims) > MAX_ELEMENTS:
-        _fail(path, f"shape {list(dims)} holds more than {MAX_ELEMENTS} elements", name)
+    # Zero dimensions count as 1 here: numpy (like any array library) must be able to
+    # describe the shape, even when it holds no element.
+    if math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
+        _fail(path, f"shape {list(dims)} exceeds {MAX_ELEMENTS} elements", name)
     dtype = _text(raw["dtype"], "dtype", path, name)
     if dtype not in DTYPE_SIZES:
         _fail(path, f"unknown dtype {dtype!r}", name, E.UnsupportedError)
@@ -334,9 +345,11 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
         length=_uint(raw["length"], "length", path, name),
         crc32=_uint(raw["crc32"], "crc32", path, name, 1 << 32),
     )
-    if storage == "packed":
+    if storage in QUANTIZED_KINDS:
         _validate_packed(entry, raw, path)
-    if entry.length != expected_length(entry):
+    if storage == "huffman":
+        _validate_huffman(entry, raw, path)
+    elif entry.length != expected_length(entry):
         _fail(
             path,
             f"length {entry.length} does not match shape {list(dims)} "
@@ -350,10 +363,10 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
 def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
     name = entry.name
     if entry.dtype not in FLOAT_DTYPES:
-        _fail(path, f"packed tensors decode to floats; dtype {entry.dtype!r} is invalid", name)
+        _fail(path, f"quantized tensors decode to floats; dtype {entry.dtype!r} is invalid", name)
     for key in ("bits", "dequant", "granularity", "scale", "zero_point"):
         if key not in raw:
-            _fail(path, f"packed tensor lacks the required key {key!r}", name)
+            _fail(path, f"quantized tensor lacks the required key {key!r}", name)
     bits = raw["bits"]
     if type(bits) is not int or not 1 <= bits <= 8:
         _fail(path, f"bits must be an integer from 1 to 8, got {bits!r}", name)
@@ -375,3 +388,37 @@ def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
     entry.scheme = scheme
     entry.scale = _f32_array(raw["scale"], count, "scale", path, name)
     entry.zero_point = _f32_array(raw["zero_point"], count, "zero_point", path, name)
+
+
+def _validate_huffman(entry: TensorEntry, raw: dict, path) -> None:
+    name = entry.name
+    for key in ("group", "code_lengths"):
+        if key not in raw:
+            _fail(path, f"huffman tensor lacks the required key {key!r}", name)
+    group = raw["group"]
+    if type(group) is not int or group < 1 or group * entry.bits > 8:
+        _fail(path, f"group must be an integer >= 1 with group * bits <= 8, got {group!r}", name)
+    alphabet = 1 << (group * entry.bits)
+    packed_lengths = raw["code_lengths"]
+    if type(packed_lengths) is not bytes or len(packed_lengths) != packed_size(alphabet, 4):
+        _fail(path, f"code_lengths must be {packed_size(alphabet, 4)} bytes of 4-bit lengths", name)
+    lengths = unpack_lengths(packed_lengths, alphabet)
+    if not kraft_ok(lengths):
+        _fail(path, "code_lengths are over-subscribed (Kraft sum above 1)", name)
+    symbols = -(-entry.numel // group)
+    used = lengths[lengths > 0]
+    if symbols and not used.size:
+        _fail(path, "code_lengths assign no codeword", name)
+    low = packed_size(symbols, int(used.min())) if symbols else 0
+    high = packed_size(symbols, int(used.max())) if symbols else 0
+    if not low <= entry.length <= high:
+        _fail(
+            path,
+            f"length {entry.length} cannot hold {symbols} codewords of "
+            f"{int(used.min()) if symbols else 0} to {int(used.max()) if symbols else 0} "
+            "bits",
+            name,
+            E.LayoutError,
+        )
+    entry.group = group
+    entry.code_lengths = lengths

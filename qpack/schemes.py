@@ -24,6 +24,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "dequantize_table",
+    "apply_table",
 ]
 
 Granularity = Literal["tensor", "channel"]
@@ -110,21 +111,28 @@ def dequantize_table(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> np
     """The decoded float32 value of every code for every group: shape (groups, 2**bits).
 
     Two separate float32 operations, each rounded to nearest-even, in this order: the
-    subtraction ``float32(q) - zero_point`` and then the product with ``scale``.
+    subtraction ``float32(q) - zero_point`` and then the product with ``scale``. A hostile
+    file can make the product overflow to infinity; callers check with ``np.isfinite``.
     """
     levels = np.arange(1 << bits, dtype=np.float32)[None, :]
-    diff = levels - zero_point.astype(np.float32)[:, None]
-    return (scale.astype(np.float32)[:, None] * diff).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = levels - zero_point.astype(np.float32)[:, None]
+        return (scale.astype(np.float32)[:, None] * diff).astype(np.float32)
 
 
-def dequantize(
-    codes: np.ndarray, bits: int, scale: np.ndarray, zero_point: np.ndarray
-) -> np.ndarray:
-    """Decode flat codes to a flat float32 array; groups split the codes into equal runs."""
-    table = dequantize_table(bits, scale, zero_point)
+def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Look flat codes up in a (groups, 2**bits) table; groups split the codes into equal
+    runs, in order. Returns a flat float32 array."""
     groups = table.shape[0]
     if groups == 1:
         return table[0][codes]
     per_group = codes.size // groups if groups else 0
     rows = codes.reshape(groups, per_group)
     return table[np.arange(groups)[:, None], rows].reshape(-1)
+
+
+def dequantize(
+    codes: np.ndarray, bits: int, scale: np.ndarray, zero_point: np.ndarray
+) -> np.ndarray:
+    """Decode flat codes to a flat float32 array (spec section 6.1)."""
+    return apply_table(dequantize_table(bits, scale, zero_point), codes)

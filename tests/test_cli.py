@@ -264,7 +264,7 @@ def test_pack_bits_and_scheme(tmp_path, files, capsys, bits, scheme):
     )
     assert status == 0, err
     info = qpack.inspect(out)
-    packed = [t for t in info["tensors"] if t["storage"] == "packed"]
+    packed = [t for t in info["tensors"] if t["storage"] in ("packed", "huffman")]
     assert {t["name"] for t in packed} == {"conv.weight", "fc.weight", "half.weight"}
     assert all(t["bits"] == bits and t["scheme"] == scheme for t in packed)
 

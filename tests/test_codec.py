@@ -94,7 +94,8 @@ def small_arrays() -> dict[str, np.ndarray]:
     }
 
 
-SMALL = qpack.encode(small_arrays(), bits=3)  # packed, raw float, raw int scalar: 584 bytes
+# fixed-width packed, raw float, raw int scalar: 584 bytes
+SMALL = qpack.encode(small_arrays(), bits=3, entropy=False)
 SMALL_DECODED = qpack.decode(SMALL)
 
 
@@ -222,7 +223,7 @@ def test_file_size_is_close_to_payload(tmp_path, bits, scheme):
     n_biases = 3 * 192
     bound = n_weights * bits / 8 + 4 * n_biases
     path = tmp_path / "big.qpk"
-    qpack.save(state, path, bits=bits, scheme=scheme)
+    qpack.save(state, path, bits=bits, scheme=scheme, entropy=False)
     size = path.stat().st_size
     assert size >= bound
     assert size <= bound * 1.01 + 8192
@@ -230,6 +231,9 @@ def test_file_size_is_close_to_payload(tmp_path, bits, scheme):
     info = qpack.inspect(path)
     weights = [t for t in info["tensors"] if t["name"].endswith("weight")]
     assert all(t["bytes"] == packed_size(192 * 192 * 9, bits) for t in weights)
+    # Huffman coding never makes a file larger, and Gaussian codes leave room to shrink
+    qpack.save(state, path, bits=bits, scheme=scheme, entropy=True)
+    assert path.stat().st_size < size
 
 
 # --------------------------------------------------------------------------- truncation, garbage

@@ -33,7 +33,7 @@ def test_enough_vectors():
         t["bits"]
         for v in MANIFEST["valid"]
         for t in json.loads((VECTORS / v["expected"]).read_text())["tensors"]
-        if t["storage"] == "packed"
+        if t["storage"] in ("packed", "huffman")
     }
     assert bits == set(range(1, 9))
 

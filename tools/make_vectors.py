@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qpack import codec  # noqa: E402
-from qpack.bitpack import pack_codes, unpack_codes  # noqa: E402
-from qpack.container import TensorEntry, frame_header  # noqa: E402
+from qpack.bitpack import pack_codes  # noqa: E402
+from qpack.container import QUANTIZED_KINDS, TensorEntry, frame_header  # noqa: E402
+from qpack.entropy import encode_symbols, group_codes, huffman_lengths  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 META = {"producer": "qpack conformance vectors"}
@@ -36,11 +37,11 @@ def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _file(items, *, bits=8, scheme="asymmetric-per-channel", metadata=None) -> bytes:
+def _file(items, *, bits=8, scheme="asymmetric-per-channel", entropy=False, metadata=None) -> bytes:
     """A file made by the real encoder from (name, array) pairs."""
     meta = dict(META, **(metadata or {}))
     arrays = dict(items)
-    return codec.encode(arrays, bits=bits, scheme=scheme, metadata=meta)
+    return codec.encode(arrays, bits=bits, scheme=scheme, entropy=entropy, metadata=meta)
 
 
 def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> bytes:
@@ -62,6 +63,37 @@ def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> b
         zero_point=np.asarray(zero_point, dtype=np.float32),
     )
     return _join(codec.serialize([(entry, payload)], META))
+
+
+def _huffman(codes, bits, group, lengths, *, stream=None, scale=(0.5,), zero_point=(1.0,)):
+    """A hand-made Huffman tensor; ``stream`` overrides the encoded bytes (CRC kept valid)."""
+    lengths = np.asarray(lengths, dtype=np.uint8)
+    codes = np.asarray(codes, dtype=np.uint8)
+    if stream is None:
+        stream = encode_symbols(group_codes(codes, bits, group), lengths).tobytes()
+    entry = TensorEntry(
+        "w",
+        (codes.size,),
+        "float32",
+        "huffman",
+        0,
+        len(stream),
+        zlib.crc32(stream),
+        bits=bits,
+        scheme="handmade",
+        dequant="affine",
+        granularity="tensor",
+        scale=np.asarray(scale, dtype=np.float32),
+        zero_point=np.asarray(zero_point, dtype=np.float32),
+        group=group,
+        code_lengths=lengths,
+    )
+    return _join(codec.serialize([(entry, stream)], META))
+
+
+# The spec's Huffman worked example: 2-bit codes, one per symbol, lengths 1, 2, 3, 3.
+WORKED_CODES = [0, 0, 1, 2, 0, 3]
+WORKED_LENGTHS = [1, 2, 3, 3]
 
 
 def _join(chunks) -> bytes:
@@ -170,11 +202,52 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         ),
         "a small model: 3-bit conv weight, 8-bit linear weight, raw bias and counter",
     )
+    v["huffman_worked_example"] = (
+        _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS),
+        "the spec's Huffman worked example: codes 0,0,1,2,0,3 -> bytes 34 07",
+    )
+    v["huffman_group2_bits4"] = (
+        _file(
+            [("conv.weight", (0.1 * r.standard_t(3, size=(32, 16, 3, 3))).astype(np.float32))],
+            bits=4,
+            entropy=True,
+        ),
+        "4-bit per-channel codes, Huffman-coded two codes per symbol",
+    )
+    v["huffman_group8_bits1"] = (
+        _huffman((r.random(61) < 0.1).astype(np.uint8), 1, 8, _lengths_for(1, 8, 61, r)),
+        "1-bit codes, eight per symbol; 61 codes, so the last symbol has 3 zero padding codes",
+    )
+    v["huffman_bits8_mixed"] = (
+        _file(
+            [
+                ("a.weight", (0.05 * r.standard_t(4, size=(64, 64))).astype(np.float32)),
+                ("a.bias", r.normal(size=(16,)).astype(np.float32)),
+                ("b.weight", r.uniform(-1, 1, size=(4, 4)).astype(np.float32)),
+            ],
+            bits=8,
+            entropy=True,
+        ),
+        "8-bit: a Huffman-coded tensor beside one that stays fixed-width (smaller) and a raw bias",
+    )
+    v["huffman_single_symbol"] = (
+        _huffman([1] * 20, 2, 4, [0] * 85 + [1] + [0] * 170),
+        "every symbol the same: one codeword of length 1, one bit per symbol",
+    )
     v["future_minor_version"] = (
         _future_minor(v["mini_unet_block"][0]),
         "version 1.99 with unknown optional keys: a 1.x reader ignores them and decodes",
     )
     return v
+
+
+def _lengths_for(bits: int, group: int, count: int, r) -> np.ndarray:
+    """Huffman lengths for the histogram the 1-bit vector draws (recomputed from a copy)."""
+    state = r.bit_generator.state
+    codes = (r.random(count) < 0.1).astype(np.uint8)
+    r.bit_generator.state = state
+    symbols = group_codes(codes, bits, group)
+    return huffman_lengths(np.bincount(symbols, minlength=1 << (bits * group)))
 
 
 def _future_minor(base: bytes) -> bytes:
@@ -289,6 +362,12 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         "bad-header",
         "a negative dimension",
     )
+    add(
+        "empty_shape_too_large",
+        _mutate(base, _huge_empty),
+        "bad-header",
+        "a shape holding no element whose other dimensions multiply past 2^48 (fuzz finding)",
+    )
     add("nan_scale", _mutate(base, _nan_scale), "bad-header", "a NaN scale")
     add(
         "scale_count_mismatch",
@@ -333,6 +412,54 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         "a nonzero byte between the header and the data section",
     )
     add("bool_byte_2", _bad_bool(), "bad-data", "a raw bool byte of 0x02")
+    add(
+        "huffman_oversubscribed",
+        _huffman(WORKED_CODES, 2, 1, [1, 1, 2, 2], stream=b"\x00\x00"),
+        "bad-header",
+        "code lengths whose Kraft sum exceeds 1",
+    )
+    add(
+        "huffman_group_too_wide",
+        _mutate(_huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS), _set_group(5)),
+        "bad-header",
+        "group * bits = 10 > 8",
+    )
+    add(
+        "huffman_stream_ends_early",
+        _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34"),
+        "bad-data",
+        "6 symbols expected, the stream holds 8 bits",
+    )
+    add(
+        "huffman_invalid_codeword",
+        _huffman(WORKED_CODES, 2, 1, [1, 2, 3, 0], stream=b"\xff\x00"),
+        "bad-data",
+        "an incomplete code and a stream using the pattern no symbol owns",
+    )
+    add(
+        "huffman_padding_bits",
+        _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34\x87"),
+        "bad-data",
+        "a set bit after the last codeword",
+    )
+    add(
+        "huffman_trailing_byte",
+        _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34\x07\x00"),
+        "bad-data",
+        "a whole unused byte after the last codeword",
+    )
+    add(
+        "huffman_spare_codes",
+        _huffman([1] * 5, 1, 8, [0] * 31 + [1] + [0] * 223 + [1], stream=b"\x01"),
+        "bad-data",
+        "the last symbol's padding codes are not zero",
+    )
+    add(
+        "overflowing_table",
+        _handmade((4,), 2, [0, 1, 2, 3], [3e38], [0.0], "tensor"),
+        "bad-header",
+        "finite scale and zero point whose product with a code overflows binary32",
+    )
     return inv
 
 
@@ -340,6 +467,13 @@ def _bad_bool() -> bytes:
     payload = np.array([1, 2, 0], dtype=np.uint8)
     entry = TensorEntry("mask", (3,), "bool", "raw", 0, 3, zlib.crc32(payload.tobytes()))
     return _join(codec.serialize([(entry, payload)], META))
+
+
+def _set_group(group):
+    def fn(header, data):
+        header["tensors"][0]["group"] = group
+
+    return fn
 
 
 def _rebody(body: bytes) -> bytes:
@@ -351,6 +485,11 @@ def _grow_offset(header, data):
     last = header["tensors"][-1]  # an 8-bit tensor: one byte per element
     last["shape"][1] += 64
     last["length"] += 64 * last["shape"][0]  # keep shape and length consistent
+
+
+def _huge_empty(header, data):
+    header["tensors"][1]["shape"] = [0, 2**40, 2**40]
+    header["tensors"][1]["length"] = 0
 
 
 def _nan_scale(header, data):
@@ -407,18 +546,22 @@ def expectation(blob: bytes) -> dict:
             "dtype": entry.dtype,
             "storage": entry.storage,
         }
-        if entry.storage == "packed":
+        small = entry.numel <= 256  # informational lists only where they stay readable
+        if entry.storage in QUANTIZED_KINDS:
             row["bits"] = entry.bits
             row["granularity"] = entry.granularity
+            if entry.storage == "huffman":
+                row["group"] = entry.group
             row["decoded_dtype"] = "float32"
-            payload = reader.payload(entry)
-            row["codes"] = unpack_codes(payload, entry.bits, entry.numel).tolist()
+            if small:
+                codes = codec.decode_codes(entry, reader.payload(entry))
+                row["codes"] = codes.tolist()
             le = array.astype("<f4")
         else:
             row["decoded_dtype"] = entry.dtype
             le = array.astype(array.dtype.newbyteorder("<"))
         row["data"] = le.tobytes().hex()
-        if entry.dtype != "bfloat16" or entry.storage == "packed":
+        if small and (entry.dtype != "bfloat16" or entry.storage != "raw"):
             row["values"] = array.reshape(-1).tolist()
         tensors.append(row)
     return {"metadata": reader.metadata, "tensors": tensors}

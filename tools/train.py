@@ -9,6 +9,9 @@ Example (the defaults are the settings used for the shipped checkpoint)::
     python tools/train.py --checkpoint runs/unet_ckpt.pt
     python tools/train.py --checkpoint runs/unet_ckpt.pt --resume   # after an interruption
 
+Resume with the same ``--steps``/``--lr``: the learning-rate schedule is computed from them.
+A resumed run restarts from the last checkpoint, i.e. the last ``--eval-every`` boundary.
+
 Writes ``--out`` (a float32 state_dict) and a JSON record with the same stem next to it.
 """
 
@@ -46,14 +49,14 @@ SEED_STRIDE = 100_003
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=3200, help="optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="patches per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="init and data seed")
     p.add_argument("--out", type=Path, default=default_checkpoint_path(), help="final weights")
     p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "unet_ckpt.pt")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
-    p.add_argument("--eval-every", type=int, default=500, help="eval + checkpoint interval")
+    p.add_argument("--eval-every", type=int, default=400, help="eval + checkpoint interval")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
 
