@@ -9,6 +9,7 @@ __version__ = "1.0.0"
 
 from .api import inspect, load, save  # noqa: E402
 from .bitpack import pack_codes, unpack_codes  # noqa: E402
+from .budget import allocate  # noqa: E402
 from .codec import decode, encode, load_numpy  # noqa: E402
 from .errors import QpackError  # noqa: E402
 from .schemes import DEFAULT_SCHEME, SCHEMES  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "save",
     "load",
     "inspect",
+    "allocate",
     "encode",
     "decode",
     "load_numpy",

@@ -201,6 +201,19 @@ def _metadata_arg(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _size_arg(text: str) -> int:
+    from .budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _UsageError(Exception):
+    """A combination of options that makes no sense (exit status 2)."""
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -258,6 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra metadata strings to record in the header (repeatable)",
+    )
+    p.add_argument(
+        "--entropy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Huffman-code the quantized codes and choose widths per tensor (default); "
+        "--no-entropy writes fixed-width N-bit codes (format 1.0)",
+    )
+    p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="the same --bits for every tensor (Huffman-coded, lossless on top of "
+        "fixed-width) instead of choosing widths per tensor",
+    )
+    p.add_argument(
+        "--max-size",
+        type=_size_arg,
+        metavar="SIZE",
+        help="choose widths per tensor for the least output error within SIZE bytes "
+        "(145000, 145k, 1.5M, 64KiB); replaces --bits",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="FILE.npy",
+        help="inputs [N, 1, 36, 36] to measure each layer's effect on the UNet's output "
+        "(default: synthetic patches); only for UNet checkpoints",
     )
     p.set_defaults(func=cmd_pack)
 
@@ -342,7 +381,20 @@ def cmd_pack(args: argparse.Namespace) -> int:
     if wrapper is not None:
         metadata["source_key"] = wrapper
     metadata.update(dict(args.metadata))
-    save(state, args.output, bits=args.bits, scheme=args.scheme, metadata=metadata)
+    try:
+        bits, how = _choose_bits(state, args)
+    except E.QpackError as exc:
+        if exc.path is not None:
+            raise
+        raise type(exc)(exc.reason, path=args.input, tensor=exc.tensor) from None
+    save(
+        state,
+        args.output,
+        bits=bits,
+        scheme=args.scheme,
+        entropy=args.entropy,
+        metadata=metadata,
+    )
 
     size = os.path.getsize(args.output)
     params = sum(_numel(v.shape) for v in state.values() if _is_tensor(v))
@@ -350,10 +402,92 @@ def cmd_pack(args: argparse.Namespace) -> int:
     ratio = float32_bytes / size if size else 0.0
     print(
         f"packed {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "
-        f"{size:,} bytes ({args.bits}-bit {args.scheme}), {ratio:.2f}x smaller than "
+        f"{size:,} bytes ({how}, {args.scheme}), {ratio:.2f}x smaller than "
         f"float32 ({float32_bytes:,} bytes)"
     )
     return 0
+
+
+def _choose_bits(state: Mapping[str, Any], args: argparse.Namespace):
+    """The ``bits`` option for save() and a few words saying how it was chosen."""
+    if args.max_size is not None and not args.entropy:
+        raise _UsageError("--max-size needs entropy coding (drop --no-entropy)")
+    if (
+        args.calibration is not None
+        and args.max_size is None
+        and (args.uniform or not args.entropy)
+    ):
+        raise _UsageError("--calibration only applies when widths are chosen per tensor")
+    if args.max_size is None and (args.uniform or not args.entropy):
+        kind = "Huffman-coded" if args.entropy else "fixed-width"
+        return args.bits, f"{args.bits}-bit {kind}"
+    from .budget import allocate
+
+    evaluate, basis = _evaluator(state, args.calibration)
+    progress = (
+        (lambda msg: print(f"qpack: {msg}", file=sys.stderr)) if sys.stderr.isatty() else None
+    )
+    if args.max_size is not None:
+        plan = allocate(
+            state, max_size=args.max_size, evaluate=evaluate, scheme=args.scheme, progress=progress
+        )
+        goal = f"at most {args.max_size:,} bytes"
+    else:
+        plan = allocate(
+            state, bits=args.bits, evaluate=evaluate, scheme=args.scheme, progress=progress
+        )
+        goal = f"quality of {args.bits}-bit"
+    widths = [b for b in plan.values() if b is not None]
+    span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no weights"
+    return plan, f"{goal}: {span} by {basis}"
+
+
+def _evaluator(state: Mapping[str, Any], calibration: str | None):
+    """A model-output distortion for UNet checkpoints, else None (weight error)."""
+    from .unet import is_unet_state_dict, make_evaluator
+
+    if not is_unet_state_dict(state):
+        if calibration is not None:
+            raise _UsageError(
+                "--calibration needs a UNet checkpoint (other models use weight error)"
+            )
+        return None, "weight error"
+    import numpy as np
+
+    if calibration is None:
+        from .synthetic import CALIBRATION_SEED, make_patches
+
+        inputs = make_patches(64, CALIBRATION_SEED)[0]
+        source = "64 synthetic patches"
+    else:
+        inputs = _read_calibration(calibration)
+        source = f"{len(inputs)} patches of {Path(calibration).name}"
+    return make_evaluator(dict(state), np.asarray(inputs)), f"UNet output error on {source}"
+
+
+def _read_calibration(path: str):
+    import numpy as np
+
+    try:
+        inputs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or _first_line(str(exc))
+        raise E.QpackError(f"cannot read calibration inputs ({reason})", path=path) from None
+    if (
+        not isinstance(inputs, np.ndarray)
+        or inputs.ndim != 4
+        or inputs.shape[1:] != (1, 36, 36)
+        or not len(inputs)
+        or inputs.dtype.kind not in "fiu"
+    ):
+        shape = getattr(inputs, "shape", None)
+        raise E.QpackError(
+            f"calibration inputs must be an [N, 1, 36, 36] numeric array, got {shape}", path=path
+        )
+    inputs = inputs.astype(np.float32)
+    if not np.isfinite(inputs).all():
+        raise E.QpackError("calibration inputs hold NaN or infinite values", path=path)
+    return inputs
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
@@ -473,6 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         try:
             return args.func(args)
+        except _UsageError as exc:
+            return _fail(f"{args.command}: {exc}", status=2)
         except E.QpackError as exc:
             return _fail(str(exc))
         except BrokenPipeError:

@@ -40,9 +40,17 @@ from .entropy import (
     group_codes,
     ungroup_symbols,
 )
-from .schemes import DEFAULT_SCHEME, SCHEMES, apply_table, dequantize_table, quantize
+from .schemes import (
+    DEFAULT_SCHEME,
+    SCHEMES,
+    apply_table,
+    code_bits,
+    dequantize_table,
+    levels_for,
+    quantize,
+)
 
-BitsOption = int | Mapping[str, "int | None"]
+BitsOption = float | Mapping[str, "float | None"]
 
 # numpy dtype of each header dtype's raw bytes; bfloat16 travels as its uint16 bit patterns.
 NUMPY_DTYPES = {
@@ -100,8 +108,14 @@ def _check_options(names: list[str], bits: BitsOption, scheme: str) -> None:
         raise E.EncodeError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     values = bits.values() if isinstance(bits, Mapping) else [bits]
     for value in values:
-        if value is not None and (type(value) is not int or not 1 <= value <= 8):
-            raise E.EncodeError(f"bits must be an integer from 1 to 8, got {value!r}")
+        if value is None:
+            continue
+        try:
+            levels = levels_for(value)
+        except ValueError as exc:
+            raise E.EncodeError(str(exc)) from None
+        if scheme == "symmetric-per-layer" and levels != 1 << code_bits(levels):
+            raise E.EncodeError(f"{scheme} needs a whole number of bits, got {value!r}")
     if isinstance(bits, Mapping):
         unknown = sorted(set(bits) - set(names))
         if unknown:
@@ -112,7 +126,7 @@ def encode_tensor(
     name: str,
     array: np.ndarray,
     dtype: str,
-    bits: int | None,
+    bits: float | None,
     scheme: str,
     entropy: bool = False,
 ) -> tuple[TensorEntry, np.ndarray]:
@@ -131,7 +145,7 @@ def encode_tensor(
             tensor=name,
         )
     q = quantize(values, bits, scheme)
-    if not np.isfinite(dequantize_table(bits, q.scale, q.zero_point)).all():
+    if not np.isfinite(dequantize_table(q.bits, q.scale, q.zero_point)).all():
         raise E.EncodeError(
             f"values near the float32 limit (max |w| = {np.abs(values).max():.3g}) overflow "
             f"when quantized to {bits} bits; keep this tensor raw",
@@ -145,19 +159,19 @@ def encode_tensor(
         0,
         0,
         0,
-        bits=bits,
+        bits=q.bits,
         scheme=scheme,
         dequant="affine",
         granularity=q.granularity,
         scale=q.scale,
         zero_point=q.zero_point,
     )
-    payload = pack_codes(q.codes, bits)
+    payload = pack_codes(q.codes, q.bits)
     if entropy:
-        group, lengths, size = best_group(q.codes, bits)
+        group, lengths, size = best_group(q.codes, q.bits)
         if size < payload.size:  # the table is in `size`: fall back when Huffman loses
             entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
-            payload = encode_symbols(group_codes(q.codes, bits, group), lengths)
+            payload = encode_symbols(group_codes(q.codes, q.bits, group), lengths)
     entry.length, entry.crc32 = payload.size, zlib.crc32(payload)
     return entry, payload
 

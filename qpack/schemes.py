@@ -22,6 +22,8 @@ __all__ = [
     "DEFAULT_SCHEME",
     "Quantized",
     "quantize",
+    "levels_for",
+    "code_bits",
     "dequantize",
     "dequantize_table",
     "apply_table",
@@ -38,15 +40,35 @@ class Quantized:
     scale: np.ndarray  # float32, one per group
     zero_point: np.ndarray  # float32, one per group
     granularity: Granularity
+    bits: int  # width of the codes: every code is below 2**bits
 
 
-def _symmetric_per_layer(w: np.ndarray, bits: int) -> Quantized:
+def levels_for(bits: float) -> int:
+    """Number of quantization levels for a (possibly fractional) bit width: round(2**bits).
+
+    Fractional widths (e.g. 4.5 -> 23 levels) pay off with entropy coding, which spends
+    about log2(levels) bits per code rather than a whole number of bits.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be a number from 1 to 8, got {bits!r}")
+    return int(min(256, max(2, round(2.0**bits))))
+
+
+def code_bits(levels: int) -> int:
+    """Bits needed to store codes 0 .. levels-1."""
+    return max(1, (levels - 1).bit_length())
+
+
+def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     """The origin's quantizer: q = clip(round(w / max|w| * 2^(b-1)), -2^(b-1), 2^(b-1) - 1).
 
     Evaluated in float32 exactly as the origin did, then stored as unsigned codes
     ``q + 2^(b-1)`` with zero point ``2^(b-1)`` and scale ``max|w| / 2^(b-1)``, so the
     decoded values equal the origin's ``q * max|w| / 2^(b-1)`` in float32.
     """
+    bits = code_bits(levels)
+    if levels != 1 << bits:
+        raise ValueError("symmetric-per-layer needs a whole number of bits")
     half = np.float32(1 << (bits - 1))
     peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
     if not peak > 0:
@@ -58,53 +80,96 @@ def _symmetric_per_layer(w: np.ndarray, bits: int) -> Quantized:
         scale=np.array([peak / half], dtype=np.float32),
         zero_point=np.array([half], dtype=np.float32),
         granularity="tensor",
+        bits=bits,
     )
 
 
-def _asymmetric_per_channel(w: np.ndarray, bits: int) -> Quantized:
-    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
-
-    Holding 0 keeps the integer zero point inside the code range, so every weight lies
-    within half a step of the grid.
-    """
-    top = (1 << bits) - 1
+def _rows(w: np.ndarray) -> np.ndarray:
+    """The tensor as (channels along axis 0, everything else), in float64."""
     channels = w.shape[0] if w.ndim else 1
     inner = int(np.prod(w.shape[1:], dtype=np.int64))
-    rows = w.reshape(channels, inner).astype(np.float64)
-    if rows.shape[1] == 0:
-        lo = hi = np.zeros(channels)
-    else:
-        lo = np.minimum(rows.min(axis=1), 0.0)
-        hi = np.maximum(rows.max(axis=1), 0.0)
+    return w.reshape(channels, inner).astype(np.float64)
+
+
+def _affine(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, top: int):
+    """Per-row min/max affine grid over [lo, hi] (which holds 0): scale, zero point, codes."""
     scale = ((hi - lo) / top).astype(np.float32)
     scale[~(scale > 0)] = np.float32(1)  # constant-zero channel: any scale decodes to 0
     step = scale.astype(np.float64)[:, None]
     zero = np.clip(np.round(-lo / step[:, 0]), 0, top)
     q = np.clip(np.round(rows / step) + zero[:, None], 0, top)
+    return scale, zero, q
+
+
+def _range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if rows.shape[1] == 0:
+        return np.zeros(rows.shape[0]), np.zeros(rows.shape[0])
+    return np.minimum(rows.min(axis=1), 0.0), np.maximum(rows.max(axis=1), 0.0)
+
+
+def _pack_result(q, scale, zero, levels) -> Quantized:
     return Quantized(
         codes=q.astype(np.uint8).reshape(-1),
         scale=scale,
         zero_point=zero.astype(np.float32),
         granularity="channel",
+        bits=code_bits(levels),
     )
+
+
+def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
+    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
+
+    Holding 0 keeps the integer zero point inside the code range, so every weight lies
+    within half a step of the grid.
+    """
+    rows = _rows(w)
+    lo, hi = _range(rows)
+    scale, zero, q = _affine(rows, lo, hi, levels - 1)
+    return _pack_result(q, scale, zero, levels)
+
+
+# Fractions of each channel's [min, max] range tried by the clipping search.
+CLIP_RATIOS = np.linspace(1.0, 0.3, 29)
+
+
+def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
+    """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
+    1.0 down to 0.3) that minimizes its squared reconstruction error: clipping a few outliers
+    buys a finer step for all the other weights. Never worse than min/max per channel."""
+    rows = _rows(w)
+    lo, hi = _range(rows)
+    top = levels - 1
+    best = None
+    for ratio in CLIP_RATIOS:
+        scale, zero, q = _affine(rows, lo * ratio, hi * ratio, top)
+        err = ((scale.astype(np.float64)[:, None] * (q - zero[:, None]) - rows) ** 2).sum(axis=1)
+        if best is None:
+            best = [err, scale, zero, q]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = np.where(better, scale, best[1])
+        best[2] = np.where(better, zero, best[2])
+        best[3] = np.where(better[:, None], q, best[3])
+    return _pack_result(best[3], best[1].astype(np.float32), best[2], levels)
 
 
 SCHEMES = {
     "symmetric-per-layer": _symmetric_per_layer,
     "asymmetric-per-channel": _asymmetric_per_channel,
+    "mse-per-channel": _mse_per_channel,
 }
 DEFAULT_SCHEME = "asymmetric-per-channel"
 
 
-def quantize(w: np.ndarray, bits: int, scheme: str = DEFAULT_SCHEME) -> Quantized:
-    """Quantize a finite float array to ``bits``-bit codes with the named scheme."""
+def quantize(w: np.ndarray, bits: float, scheme: str = DEFAULT_SCHEME) -> Quantized:
+    """Quantize a finite float array to ``levels_for(bits)`` levels with the named scheme."""
     try:
         fn = SCHEMES[scheme]
     except KeyError:
         raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}") from None
-    if type(bits) is not int or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int from 1 to 8, got {bits!r}")
-    return fn(np.asarray(w, dtype=np.float32), bits)
+    return fn(np.asarray(w, dtype=np.float32), levels_for(bits))
 
 
 def dequantize_table(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["HELDOUT_SEED", "PATCH_SIZE", "dice_iou", "make_patches"]
+__all__ = ["CALIBRATION_SEED", "HELDOUT_SEED", "PATCH_SIZE", "dice_iou", "make_patches"]
 
 HELDOUT_SEED = 1_000_000
+#: Seed of the default calibration patches for ``qpack pack --max-size`` (sensitivity
+#: measurement): below the held-out range and above any training step's seed.
+CALIBRATION_SEED = 999_000
 PATCH_SIZE = 36
 # Patches are built in chunks to bound peak memory; fixed so output depends only on (n, seed).
 _CHUNK = 2048

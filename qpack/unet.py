@@ -23,6 +23,8 @@ __all__ = [
     "crop_output",
     "default_checkpoint_path",
     "load_default",
+    "is_unet_state_dict",
+    "make_evaluator",
     "pad_input",
 ]
 
@@ -148,3 +150,50 @@ def load_default(device: str | torch.device = "cpu") -> UNet:
     model = UNet()
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def make_evaluator(state_dict: dict[str, torch.Tensor], inputs, batch_size: int = 64):
+    """A distortion measure for :func:`qpack.allocate`: the mean squared difference of the
+    UNet's output probabilities on ``inputs`` ([N, 1, 36, 36]) between the float model and
+    the model with some tensors replaced by their dequantized values.
+
+    Squared differences add up across layers far better than absolute ones, which is what the
+    allocator assumes; the demo still reports mean |probability difference|.
+    """
+    import numpy as np
+
+    model = UNet()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()}, strict=True)
+    model.eval()
+    x = torch.as_tensor(np.asarray(inputs, dtype=np.float32))
+    params = dict(model.named_parameters())
+
+    def probabilities() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([torch.sigmoid(model(b)) for b in x.split(batch_size)])
+
+    reference = probabilities()
+
+    def evaluate(replaced) -> float:
+        saved = {}
+        with torch.no_grad():
+            for name, value in replaced.items():
+                saved[name] = params[name].detach().clone()
+                params[name].copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
+            try:
+                return float(((probabilities() - reference) ** 2).mean())
+            finally:
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
+    return evaluate
+
+
+def is_unet_state_dict(state_dict) -> bool:
+    """Whether a state_dict has exactly the names and shapes of :class:`UNet`."""
+    expected = {k: tuple(v.shape) for k, v in UNet().state_dict().items()}
+    try:
+        got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    except AttributeError:
+        return False
+    return got == expected

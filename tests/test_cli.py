@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,7 +261,7 @@ def test_pack_summary_and_metadata(tmp_path, files, capsys):
 def test_pack_bits_and_scheme(tmp_path, files, capsys, bits, scheme):
     out = tmp_path / "m.qpk"
     status, _, err = call(
-        capsys, "pack", files["ckpt"], "-o", out, "--bits", bits, "--scheme", scheme
+        capsys, "pack", files["ckpt"], "-o", out, "--bits", bits, "--scheme", scheme, "--uniform"
     )
     assert status == 0, err
     info = qpack.inspect(out)
@@ -367,7 +368,7 @@ def test_pack_nan_weights_names_tensor(tmp_path, capsys):
     torch.save(sd, ckpt)
     status, _, err = call(capsys, "pack", ckpt, "-o", tmp_path / "out.qpk")
     assert status == 1
-    assert_one_line_error(err, "out.qpk", "'fc.weight'", "NaN")
+    assert_one_line_error(err, "nan.pt", "'fc.weight'", "NaN")
     no_leftovers(tmp_path, "nan.pt")
 
 
@@ -615,3 +616,48 @@ def test_demo_bad_checkpoints(tmp_path, files, capsys):
     status, _, err = call(capsys, "demo", "--checkpoint", tmp_path / "gone.pt")
     assert status == 1
     assert_one_line_error(err, "gone.pt", "No such file")
+
+
+def test_pack_chooses_widths_per_tensor_and_fits_max_size(tmp_path, files, capsys):
+    """Default packing picks widths per tensor (Huffman-coded, never larger than uniform
+    fixed-width); --max-size never exceeds its budget; --no-entropy is fixed-width 1.0."""
+    sizes = {}
+    for name, extra in {
+        "chosen": [],
+        "uniform": ["--uniform"],
+        "fixed": ["--no-entropy"],
+    }.items():
+        out = tmp_path / f"{name}.qpk"
+        status, stdout, err = call(capsys, "pack", files["ckpt"], "-o", out, "--bits", "4", *extra)
+        assert status == 0, err
+        sizes[name] = out.stat().st_size
+        if name == "fixed":
+            info = qpack.inspect(out)
+            assert info["version"] == "1.0"
+            assert {t["storage"] for t in info["tensors"]} <= {"packed", "raw"}
+    assert sizes["chosen"] <= sizes["fixed"] and sizes["uniform"] <= sizes["fixed"]
+    budget = sizes["fixed"] * 95 // 100
+    out = tmp_path / "budget.qpk"
+    status, stdout, err = call(capsys, "pack", files["ckpt"], "-o", out, "--max-size", budget)
+    assert status == 0, err
+    assert out.stat().st_size <= budget
+    assert f"at most {budget:,} bytes" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--max-size", "12"],  # no file can be that small
+        ["--max-size", "lots"],
+        ["--max-size", "10k", "--no-entropy"],
+        ["--calibration", "cal.npy"],  # not a UNet checkpoint
+    ],
+)
+def test_pack_budget_errors(tmp_path, files, capsys, extra):
+    np.save(tmp_path / "cal.npy", np.zeros((2, 1, 36, 36), np.float32))
+    extra = [str(tmp_path / e) if e.endswith(".npy") else e for e in extra]
+    status, _, err = call(capsys, "pack", files["ckpt"], "-o", tmp_path / "o.qpk", *extra)
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("qpack: error: ")
+    assert status == (1 if extra[:2] == ["--max-size", "12"] else 2), err
+    assert not (tmp_path / "o.qpk").exists()
