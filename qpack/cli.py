@@ -366,6 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SCHEME,
         help=f"quantization scheme (default {DEFAULT_SCHEME})",
     )
+    p.add_argument(
+        "--origin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also show the origin's per-layer symmetric quantizer, stored fixed-width",
+    )
+    p.add_argument(
+        "--uniform",
+        action="store_true",
+        help="qpack rows use the same bits for every layer instead of per-layer widths",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -583,6 +594,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bits=args.bits,
         scheme=args.scheme,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        origin=args.origin,
+        uniform=args.uniform,
     )
     print(format_table(rows))
     print(f"({args.samples} held-out patches, {time.perf_counter() - started:.1f} s)")

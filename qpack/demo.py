@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from .api import load, save
+from .budget import allocate
 from .cli import CheckpointError, read_checkpoint
 from .schemes import DEFAULT_SCHEME, SCHEMES
-from .synthetic import HELDOUT_SEED, dice_iou, make_patches
-from .unet import UNet, default_checkpoint_path
+from .synthetic import CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
+from .unet import UNet, default_checkpoint_path, make_evaluator
 
 __all__ = [
     "DEFAULT_BITS",
@@ -121,12 +122,17 @@ def run_demo(
     threads: int | None = None,
     workdir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    origin: bool = True,
+    uniform: bool = False,
 ) -> list[dict[str, Any]]:
     """Compare the float32 UNet with its qpack-quantized copies on held-out patches.
 
     ``checkpoint`` is a UNet state_dict ``.pt`` (plain or wrapped; the embedded trained one by
-    default). Returns one dict per row, float32 first, then one per bit width in the order
-    given, with keys ``model``, ``bits``, ``scheme``, ``bytes``, ``ratio`` (float32 bytes over
+    default). Returns one dict per row, float32 first, then for each bit width in the order
+    given the origin's per-layer symmetric quantizer stored fixed-width (unless ``origin`` is
+    false) and qpack's file: ``bits=N`` widths chosen per layer by :func:`qpack.allocate`
+    for the UNet's output, Huffman-coded (or, with ``uniform``, N bits everywhere). Keys:
+    ``model``, ``bits``, ``scheme``, ``bytes``, ``ratio`` (float32 bytes over
     these bytes), ``dice``, ``iou`` (fractions in [0, 1]) and ``mean_abs_dp`` (mean absolute
     probability difference to the float32 model, in [0, 1]). The float32 row's ``bytes`` is the
     size of the float32 state_dict written with ``torch.save``; ``param_bytes`` adds 4 bytes
@@ -185,38 +191,71 @@ def run_demo(
                 }
             ]
             name = Path(checkpoint).name
+            evaluator = None
+            if not uniform:
+                note("measuring layer sensitivity on calibration patches")
+                calibration, _ = make_patches(64, CALIBRATION_SEED)
+                evaluator = make_evaluator(state, calibration)
             for b in bits:
-                path = folder / f"unet_{b}bit_{scheme}.qpk"
-                save(state, path, bits=b, scheme=scheme, metadata={"source": name})
-                size = path.stat().st_size
-                note(f"evaluating {b}-bit {scheme} ({size:,} bytes)")
-                model = build_model(load(path), path)
-                rows.append(
-                    {
-                        "model": f"{b}-bit",
-                        "bits": b,
-                        "scheme": scheme,
-                        "bytes": size,
-                        "param_bytes": 4 * params,
-                        "ratio": float_bytes / size,
-                        **score(predict(model, x, batch_size), y, reference),
-                    }
-                )
+                for label, how, options in _settings(state, b, scheme, origin, evaluator):
+                    path = folder / f"unet_{label}_{b}bit.qpk"
+                    save(state, path, metadata={"source": name}, **options)
+                    size = path.stat().st_size
+                    note(f"evaluating {label} {b}-bit ({size:,} bytes)")
+                    model = build_model(load(path), path)
+                    rows.append(
+                        {
+                            "model": f"{label} {b}-bit",
+                            "bits": b,
+                            "scheme": how,
+                            "bytes": size,
+                            "param_bytes": 4 * params,
+                            "ratio": float_bytes / size,
+                            **score(predict(model, x, batch_size), y, reference),
+                        }
+                    )
     finally:
         torch.set_num_threads(previous_threads)
     return rows
 
 
+def _settings(state, bits: int, scheme: str, origin: bool, evaluator):
+    """(label, description, save options) of the files compared at one bit width."""
+    if origin:
+        # the origin's per-layer symmetric quantizer, stored densely: what it never had
+        yield (
+            "origin",
+            "symmetric-per-layer, fixed-width",
+            {
+                "bits": bits,
+                "scheme": "symmetric-per-layer",
+                "entropy": False,
+            },
+        )
+    if evaluator is None:
+        yield "qpack", f"{scheme}, Huffman", {"bits": bits, "scheme": scheme, "entropy": True}
+    else:
+        plan = allocate(state, bits=bits, evaluate=evaluator, scheme=scheme)
+        yield (
+            "qpack",
+            f"{scheme}, Huffman, widths per layer",
+            {
+                "bits": plan,
+                "scheme": scheme,
+                "entropy": True,
+            },
+        )
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows of :func:`run_demo` as a plain-text table, with a note on the float32 size."""
-    head = ("model", "bits", "scheme", "size (kB)", "ratio", "dice %", "IoU %", "mean|dp| %")
+    head = ("model", "stored as", "size (kB)", "ratio", "dice %", "IoU %", "mean|dp| %")
     body = []
     for r in rows:
         dp = r.get("mean_abs_dp")
         body.append(
             (
                 str(r["model"]),
-                str(r["bits"]),
                 str(r["scheme"]),
                 f"{r['bytes'] / 1000:.1f}",
                 f"{r['ratio']:.2f}x",
@@ -226,7 +265,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    left = {0, 2}
+    left = {0, 1}
 
     def line(row: Sequence[str]) -> str:
         return "  ".join(

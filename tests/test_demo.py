@@ -26,32 +26,41 @@ def fresh_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh_rows(fresh_checkpoint):
-    return run_demo(fresh_checkpoint, samples=SAMPLES, bits=BITS)
+    return run_demo(fresh_checkpoint, samples=SAMPLES, bits=BITS, uniform=True)
 
 
 def check_rows(rows, bits=BITS):
-    assert [r["model"] for r in rows] == ["float32", *(f"{b}-bit" for b in bits)]
-    assert [r["bits"] for r in rows] == [32, *bits]
+    names = ["float32", *(f"{who} {b}-bit" for b in bits for who in ("origin", "qpack"))]
+    assert [r["model"] for r in rows] == names
+    assert [r["bits"] for r in rows] == [32, *(b for b in bits for _ in range(2))]
     float_row, *quantized = rows
     assert float_row["ratio"] == 1.0
     assert float_row["mean_abs_dp"] == 0.0
     n_params = sum(p.numel() for p in UNet().parameters())
+    n_biases = sum(p.numel() for p in UNet().parameters() if p.dim() == 1)
     assert float_row["param_bytes"] == 4 * n_params
     # the float32 .pt file is 4 bytes per parameter plus a small container overhead
     assert 4 * n_params <= float_row["bytes"] < 4 * n_params * 1.02
-    sizes = [r["bytes"] for r in rows]
-    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    for who in ("origin", "qpack"):
+        sizes = [r["bytes"] for r in quantized if r["model"].startswith(who)]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
     for r in quantized:
-        assert r["scheme"] == qpack.DEFAULT_SCHEME
         assert r["ratio"] == pytest.approx(float_row["bytes"] / r["bytes"])
-    by_bits = {r["bits"]: r for r in rows}
-    assert 3.8 < by_bits[8]["ratio"] < 4.1
+        if r["model"].startswith("origin"):
+            # the origin's quantizer, now actually stored: n*bits/8 + 4 per bias + header
+            ideal = (n_params - n_biases) * r["bits"] / 8 + 4 * n_biases
+            assert ideal <= r["bytes"] <= ideal * 1.01 + 8192
+            assert r["scheme"].startswith("symmetric-per-layer")
+        else:
+            assert r["scheme"].startswith(qpack.DEFAULT_SCHEME)
     for r in rows:
         assert 0.0 <= r["dice"] <= 1.0
         assert 0.0 <= r["iou"] <= r["dice"] + 1e-12
         assert 0.0 <= r["mean_abs_dp"] <= 1.0
-    assert by_bits[8]["mean_abs_dp"] < 0.005  # under half a percent
-    assert by_bits[8]["mean_abs_dp"] <= min(r["mean_abs_dp"] for r in quantized)
+    eight = [r for r in quantized if r["bits"] == 8]
+    assert all(r["mean_abs_dp"] < 0.005 for r in eight)  # under half a percent
+    three = [r for r in quantized if r["bits"] == 3]
+    assert max(r["mean_abs_dp"] for r in eight) <= min(r["mean_abs_dp"] for r in three)
 
 
 def test_rows_fresh_model(fresh_rows):
@@ -61,13 +70,26 @@ def test_rows_fresh_model(fresh_rows):
 def test_format_table(fresh_rows):
     text = format_table(fresh_rows)
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["model", "bits", "scheme"]
+    assert lines[0].split()[:3] == ["model", "stored", "as"]
     for column in ("size (kB)", "ratio", "dice %", "IoU %", "mean|dp| %"):
         assert column in lines[0]
-    assert [line.split()[0] for line in lines[2:6]] == ["float32", "8-bit", "4-bit", "3-bit"]
+    assert [" ".join(line.split()[:2]) for line in lines[2:5]] == [
+        f"float32 {lines[2].split()[1]}",
+        "origin 8-bit",
+        "qpack 8-bit",
+    ]
     assert f"{fresh_rows[0]['bytes'] / 1000:.1f}" in lines[2]
     assert f"{fresh_rows[1]['ratio']:.2f}x" in lines[3]
     assert "torch.save" in text  # says what the float32 size is
+
+
+def test_run_demo_allocates_widths_per_layer(fresh_checkpoint):
+    """Default qpack rows choose widths per layer: at least the quality of fixed-width."""
+    rows = run_demo(fresh_checkpoint, samples=SAMPLES, bits=[4], origin=False)
+    uniform = run_demo(fresh_checkpoint, samples=SAMPLES, bits=[4], origin=False, uniform=True)
+    assert [r["model"] for r in rows] == ["float32", "qpack 4-bit"]
+    assert "widths per layer" in rows[1]["scheme"]
+    assert rows[1]["mean_abs_dp"] <= 1.5 * uniform[1]["mean_abs_dp"]
 
 
 def test_run_demo_other_scheme_and_workdir(fresh_checkpoint, tmp_path):
@@ -79,11 +101,13 @@ def test_run_demo_other_scheme_and_workdir(fresh_checkpoint, tmp_path):
         scheme="symmetric-per-layer",
         workdir=tmp_path,
         threads=1,
+        origin=False,
+        uniform=True,
     )
     assert torch.get_num_threads() == before
-    assert [r["model"] for r in rows] == ["float32", "2-bit"]
-    assert rows[1]["scheme"] == "symmetric-per-layer"
-    kept = tmp_path / "unet_2bit_symmetric-per-layer.qpk"
+    assert [r["model"] for r in rows] == ["float32", "qpack 2-bit"]
+    assert rows[1]["scheme"].startswith("symmetric-per-layer")
+    kept = tmp_path / "unet_qpack_2bit.qpk"
     assert kept.stat().st_size == rows[1]["bytes"]
     info = qpack.inspect(kept)
     assert info["metadata"]["source"] == fresh_checkpoint.name
@@ -129,8 +153,14 @@ def test_predict_score_evaluate():
     not default_checkpoint_path().is_file(), reason="embedded checkpoint not trained yet"
 )
 def test_rows_embedded_model():
+    """On the trained model, qpack's files beat the origin's quantizer at every width."""
     rows = run_demo(samples=SAMPLES, bits=BITS)
     check_rows(rows)
-    float_row, row8 = rows[0], rows[1]
-    assert float_row["dice"] > 0.3  # the trained model actually finds grooves
-    assert abs(row8["dice"] - float_row["dice"]) < 0.02
+    float_row = rows[0]
+    assert float_row["dice"] > 0.6  # the trained model actually finds grooves
+    by_name = {r["model"]: r for r in rows}
+    for b in BITS:
+        origin, ours = by_name[f"origin {b}-bit"], by_name[f"qpack {b}-bit"]
+        assert ours["mean_abs_dp"] <= origin["mean_abs_dp"]
+    assert abs(by_name["qpack 8-bit"]["dice"] - float_row["dice"]) < 0.005
+    assert abs(by_name["qpack 3-bit"]["dice"] - float_row["dice"]) < 0.02
