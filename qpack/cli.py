@@ -524,21 +524,35 @@ def _format_shape(shape: Sequence[int]) -> str:
 
 def format_inspect(info: Mapping[str, Any]) -> str:
     """The human-readable ``qpack inspect`` report for a :func:`qpack.inspect` dict."""
-    head = ("name", "shape", "dtype", "bits", "scheme", "granularity", "bytes")
+    head = (
+        "name",
+        "shape",
+        "dtype",
+        "storage",
+        "bits",
+        "scheme",
+        "granularity",
+        "bytes",
+        "bits/weight",
+        "entropy bound",
+    )
     rows = [
         (
             t["name"],
             _format_shape(t["shape"]),
             t["dtype"],
+            t["storage"],
             str(t["bits"]),
             t["scheme"],
             t.get("granularity") or "-",
             f"{t['bytes']:,}",
+            f"{t['bits_per_weight']:.2f}",
+            f"{t['entropy_bytes']:,.0f} B" if "entropy_bytes" in t else "-",
         )
         for t in info["tensors"]
     ]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-    right = {3, 6}  # numeric columns
+    right = {4, 7, 8, 9}  # numeric columns
 
     def line(row: Sequence[str]) -> str:
         cells = [
@@ -560,13 +574,16 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         f"file size:    {tot['file_size']:,} bytes",
         f"float32 size: {tot['float32_bytes']:,} bytes (4 bytes per parameter)",
         f"ratio:        {tot['ratio']:.2f}x",
+        "entropy bound: n * H(codes) of each quantized tensor, the least any coder of "
+        "independent codes could store them in",
     ]
     return "\n".join(out)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     with Reader(args.input) as reader:
-        info = describe(reader)
+        # the entropy bound needs the codes: read the tensors too (CRCs are checked)
+        info = describe(reader, stats=True)
     if args.json:
         print(json.dumps({**info, "totals": totals(info)}, indent=2))
     else:
