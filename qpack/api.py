@@ -102,8 +102,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict
     return out
 
 
-def inspect(path: str | os.PathLike) -> dict:
+def inspect(path: str | os.PathLike, *, stats: bool = False) -> dict:
     """The file's header as plain Python data: version, metadata and, per tensor, its shape,
-    dtype, storage, bits, scheme, byte count, offset and checksum. Reads only the header."""
+    dtype, storage, bits, scheme, byte count, bits per weight, offset and checksum.
+
+    Reads only the header, unless ``stats`` asks for each quantized tensor's empirical
+    entropy bound (``entropy_bytes``), which reads and checks its codes."""
     with Reader(path) as reader:
-        return describe(reader)
+        return describe(reader, stats=stats)

@@ -470,7 +470,7 @@ def test_inspect_json(files, capsys):
     status, out, err = call(capsys, "inspect", files["qpk"], "--json")
     assert status == 0, err
     data = json.loads(out)
-    expected = qpack.inspect(files["qpk"])
+    expected = qpack.inspect(files["qpk"], stats=True)
     assert {k: v for k, v in data.items() if k != "totals"} == json.loads(json.dumps(expected))
     totals = data["totals"]
     params = numel(small_state_dict())
@@ -595,14 +595,23 @@ def test_demo_command(tmp_path, capsys):
     torch.manual_seed(0)
     torch.save({"model": UNet().state_dict(), "step": 0}, ckpt)
     status, out, err = call(
-        capsys, "demo", "--checkpoint", ckpt, "--samples", "16", "--bits", "8", "2"
+        capsys,
+        "demo",
+        "--checkpoint",
+        ckpt,
+        "--samples",
+        "16",
+        "--bits",
+        "8",
+        "2",
+        "--uniform",
     )
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:3] == ["model", "bits", "scheme"]
-    rows = [line.split() for line in lines[2:4]]
-    assert rows[0][0] == "float32" and rows[1][0] == "8-bit"
-    assert lines[4].startswith("2-bit")
+    assert lines[0].split()[:3] == ["model", "stored", "as"]
+    rows = [line.split() for line in lines[2:6]]
+    assert [r[0] for r in rows] == ["float32", "origin", "qpack", "origin"]
+    assert rows[1][1] == "8-bit" and rows[3][1] == "2-bit"
     assert "16 held-out patches" in out
 
 
