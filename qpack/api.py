@@ -19,6 +19,7 @@ from .codec import (
     NUMPY_DTYPES,
     BitsOption,
     Reader,
+    SchemeOption,
     describe,
     dtype_name,
     encode_chunks,
@@ -56,7 +57,7 @@ def save(
     path: str | os.PathLike,
     *,
     bits: BitsOption = DEFAULT_BITS,
-    scheme: str = DEFAULT_SCHEME,
+    scheme: SchemeOption = DEFAULT_SCHEME,
     entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
@@ -65,7 +66,8 @@ def save(
     Floating tensors with two or more dimensions (conv and linear weights) are quantized to
     ``bits`` bits with ``scheme``; the others (biases, integer buffers) are stored exactly.
     ``bits`` may instead map tensor names to bits (``None`` keeps that tensor exact); names
-    not in the mapping follow the rule above at 8 bits. With ``entropy`` the codes of each
+    not in the mapping follow the rule above at 8 bits. ``scheme`` may likewise map names
+    to schemes (others use the default). With ``entropy`` the codes of each
     tensor are Huffman-coded where that is smaller than fixed-width packing (lossless; the
     decoded weights are identical). The file is written atomically.
     """

@@ -33,14 +33,14 @@ from .codec import (
     DEFAULT_BITS,
     _bits_for,
     bf16_to_f32,
-    decode_payload,
+    decode_codes_values,
     encode_chunks,
-    encode_tensor,
+    quantize_tensor,
 )
 from .container import ALIGNMENT
-from .schemes import DEFAULT_SCHEME
+from .schemes import levels_for
 
-__all__ = ["allocate", "GRID"]
+__all__ = ["allocate", "Allocator", "GRID", "OPTION_SCHEMES", "parse_size"]
 
 # Candidate widths; fractional ones are round(2**bits) levels.
 GRID = tuple(float(b) for b in np.arange(2.0, 8.01, 0.5))
@@ -51,12 +51,26 @@ ANCHORS = (2.0, 4.0, 6.0)
 Evaluate = Callable[[Mapping[str, np.ndarray]], float]
 
 
+# Grids the allocator chooses between for each tensor. With entropy coding one step for the
+# whole tensor usually costs fewer bits for the same error (measured on the UNet: per-layer
+# 8-bit codes Huffman-code to 409 kB, per-channel ones to 537 kB); per-channel scales win
+# at low widths, where a few wide channels would otherwise waste the levels.
+OPTION_SCHEMES = ("asymmetric-per-layer", "asymmetric-per-channel")
+# Reference of "the quality of N bits": qpack's fixed-width per-channel N-bit quantization.
+# At 8 bits no tensor can get a finer grid than that reference, so nothing could be saved;
+# there the reference is standard per-layer int8 (the origin's quantizer) instead.
+REFERENCE_SCHEME = "asymmetric-per-channel"
+TOP_REFERENCE_SCHEME = "symmetric-per-layer"
+
+Option = tuple[float, str]  # (bits, scheme)
+
+
 @dataclass
 class _Choices:
     name: str
-    bits: np.ndarray  # candidate widths
-    size: np.ndarray  # bytes each width costs (payload + header entry + alignment)
-    distortion: np.ndarray  # distortion when only this tensor is quantized at that width
+    options: list[Option]  # candidate (width, scheme) pairs
+    size: np.ndarray  # bytes each option costs (payload + header entry + alignment)
+    distortion: np.ndarray  # distortion when only this tensor is quantized that way
 
 
 def allocate(
@@ -65,112 +79,123 @@ def allocate(
     bits: float | None = None,
     max_size: int | None = None,
     evaluate: Evaluate | None = None,
-    scheme: str = DEFAULT_SCHEME,
+    schemes: tuple[str, ...] = OPTION_SCHEMES,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, float | None]:
-    """A per-tensor ``bits`` mapping for :func:`qpack.save` (with ``entropy=True``).
+) -> dict[str, dict[str, Any]]:
+    """Choose a width and a scheme for every quantizable tensor; returns
+    ``{"bits": {...}, "scheme": {...}}`` to pass on: ``qpack.save(sd, path, **plan)``.
 
     Give exactly one of:
 
-    - ``bits=N``: at least the quality of fixed-width N-bit quantization (same scheme), in
-      the smallest file;
+    - ``bits=N``: the smallest file at least as accurate as fixed-width N-bit per-channel
+      quantization (at N = 8, as standard per-layer int8: see REFERENCE_SCHEME);
     - ``max_size=BYTES``: the least distortion whose file fits in ``BYTES``.
-    """
-    from .api import _as_numpy  # torch tensors or numpy arrays, as save() accepts
 
+    Tensors that are not quantized (biases, integer buffers) map to ``None`` (kept exact).
+    To choose several plans for one model, build an :class:`Allocator` once instead.
+    """
     if (bits is None) == (max_size is None):
         raise E.EncodeError("give exactly one of bits= and max_size=")
-    say = progress or (lambda _msg: None)
-    items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
-    targets = [
-        (name, array, dtype)
-        for name, array, dtype in items
-        if _bits_for(name, array, dtype, DEFAULT_BITS) is not None
-    ]
-    plan: dict[str, float | None] = {
-        name: None for name, _, _ in items if name not in {t[0] for t in targets}
-    }
-    if not targets:
-        return plan
-    weight_error = evaluate is None
-    measure = _weight_distortion(targets) if weight_error else evaluate
-    # the origin's symmetric quantizer needs whole bits; a requested width joins the grid
-    grid = {b for b in GRID if scheme != "symmetric-per-layer" or b == int(b)}
-    grid = tuple(sorted(grid | ({float(bits)} if bits is not None else set())))
-    say(f"measuring {len(targets)} tensors at {len(grid)} widths")
-    choices = [_measure(t, grid, scheme, None if weight_error else measure) for t in targets]
-
-    def file_size(chosen: dict[str, float]) -> int:
-        full = {**plan, **chosen}
-        return sum(len(c) for c in encode_chunks(items, bits=full, scheme=scheme, entropy=True))
-
-    def joint(chosen: dict[str, float]) -> float:
-        return measure(
-            {
-                name: decode_payload(*encode_tensor(name, a, d, chosen[name], scheme, True))
-                for name, a, d in targets
-            }
-        )
-
-    if bits is not None:
-        fixed = {name: float(bits) for name, _, _ in targets}
-        if weight_error:
-            chosen = _smallest_within(choices, _additive(choices, fixed))
-        else:
-            chosen = _joint_target(choices, fixed, joint)
-        say(f"quality of fixed-width {bits}-bit reached")
-    else:
-        budget = int(max_size)
-        # what the tensors' own entries do not account for: raw tensors, the header's fixed
-        # part; measured once with every tensor at the smallest width
-        fixed_cost = file_size({name: grid[0] for name, _, _ in targets}) - sum(
-            c.size[0] for c in choices
-        )
-        room = budget - fixed_cost
-        chosen = None
-        for _ in range(8):
-            chosen = _best_within(choices, room, None if weight_error else joint)
-            if chosen is None:
-                break
-            over = file_size(chosen) - budget
-            if over <= 0:
-                break
-            room -= over
-        if chosen is None or file_size(chosen) > budget:
-            smallest = file_size({name: grid[0] for name, _, _ in targets})
-            raise E.EncodeError(
-                f"cannot fit in {budget:,} bytes: the smallest file qpack can make of this "
-                f"state_dict is {smallest:,} bytes"
-            )
-    plan.update(chosen)
-    return {name: plan[name] for name, _, _ in items}
+    allocator = Allocator(state_dict, evaluate=evaluate, schemes=schemes, progress=progress)
+    return allocator.for_bits(bits) if bits is not None else allocator.for_size(max_size)
 
 
-def _measure(target, grid, scheme: str, evaluate: Evaluate | None) -> _Choices:
-    """Exact sizes and squared weight errors at every width of ``grid``; with a model
-    evaluator, distortion = squared error x sensitivity measured at the ANCHORS."""
+class Allocator:
+    """Measures every tensor's size and distortion for every option once; then answers
+    :meth:`for_bits` and :meth:`for_size` queries from those measurements."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, Any],
+        *,
+        evaluate: Evaluate | None = None,
+        schemes: tuple[str, ...] = OPTION_SCHEMES,
+        progress: Callable[[str], None] | None = None,
+    ):
+        from .api import _as_numpy  # torch tensors or numpy arrays, as save() accepts
+
+        self._items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
+        self._targets = [t for t in self._items if _bits_for(*t, DEFAULT_BITS) is not None]
+        self._weight_error = evaluate is None
+        self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
+        options = [(b, s) for s in schemes for b in GRID]
+        if progress:
+            progress(f"measuring {len(self._targets)} tensors, {len(options)} options each")
+        self._choices = [
+            _measure(t, options, None if evaluate is None else evaluate) for t in self._targets
+        ]
+        self._hull = _hull(self._choices)
+
+    def _joint(self, chosen: Mapping[str, Option]) -> float:
+        decoded = {}
+        for name, array, dtype in self._targets:
+            entry, codes = quantize_tensor(name, array, dtype, *chosen[name], False)
+            decoded[name] = decode_codes_values(entry, codes)
+        return self._measure(decoded)
+
+    def _file_size(self, chosen: Mapping[str, Option]) -> int:
+        plan = self._plan(chosen)
+        chunks = encode_chunks(self._items, entropy=True, **plan)
+        return sum(len(c) for c in chunks)
+
+    def _plan(self, chosen: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
+        return {
+            "bits": {n: chosen[n][0] if n in chosen else None for n, _, _ in self._items},
+            "scheme": {n: s for n, (_, s) in chosen.items()},
+        }
+
+    def for_bits(self, bits: float) -> dict[str, dict[str, Any]]:
+        """The smallest plan at least as accurate as the N-bit reference."""
+        levels_for(bits)  # validates
+        reference = {name: _reference(bits) for name, _, _ in self._targets}
+        if not reference:
+            return self._plan({})
+        joint = None if self._weight_error else self._joint
+        chosen = _within_target(self._hull, self._joint(reference), joint)
+        return self._plan(chosen if chosen is not None else reference)
+
+    def for_size(self, max_size: int) -> dict[str, dict[str, Any]]:
+        """The least-distortion plan whose file is at most ``max_size`` bytes."""
+        if not self._targets:
+            return self._plan({})
+        joint = None if self._weight_error else self._joint
+        return self._plan(_within_budget(self._hull, int(max_size), self._file_size, joint))
+
+
+def _reference(bits: float) -> Option:
+    return (float(bits), TOP_REFERENCE_SCHEME if bits >= 8 else REFERENCE_SCHEME)
+
+
+def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choices:
+    """Exact sizes and squared weight errors of every option; with a model evaluator,
+    distortion = squared error x the tensor's sensitivity, measured at the ANCHORS (with the
+    per-channel grid) and interpolated log-linearly in between."""
     name, array, dtype = target
     reference = (bf16_to_f32(array) if dtype == "bfloat16" else array).astype(np.float64)
     sizes, errors, decoded = [], [], {}
-    anchors = [b for b in ANCHORS if b in grid] or [grid[0], grid[-1]]
-    for b in grid:
-        entry, payload = encode_tensor(name, array, dtype, b, scheme, True)
+    for option in options:
+        entry, codes = quantize_tensor(name, array, dtype, *option, True)
         overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
-        sizes.append(payload.size + overhead)
-        values = decode_payload(entry, payload)
+        sizes.append(entry.length + overhead)
+        values = decode_codes_values(entry, codes)
         errors.append(float(((values - reference) ** 2).sum()))
-        if b in anchors:
-            decoded[b] = values
+        decoded[option] = values
     errors = np.maximum(np.array(errors), 1e-30)
+    widths = np.array([b for b, _ in options])
     if evaluate is None:
         energy = float((reference**2).mean()) or 1.0
-        sensitivity = np.full(len(grid), 1.0 / (energy * max(reference.size, 1)))
+        sensitivity = np.full(len(options), 1.0 / (energy * max(reference.size, 1)))
     else:
+        anchor_scheme = (
+            REFERENCE_SCHEME if (ANCHORS[0], REFERENCE_SCHEME) in decoded else (options[0][1])
+        )
         measured = [
-            max(evaluate({name: decoded[b]}), 1e-30) / errors[grid.index(b)] for b in anchors
+            max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30)
+            / errors[options.index((b, anchor_scheme))]
+            for b in ANCHORS
         ]
-        sensitivity = np.exp(np.interp(grid, anchors, np.log(measured)))
-    return _Choices(name, np.array(grid), np.array(sizes), errors * sensitivity)
+        sensitivity = np.exp(np.interp(widths, ANCHORS, np.log(measured)))
+    return _Choices(name, list(options), np.array(sizes), errors * sensitivity)
 
 
 def _weight_distortion(targets) -> Evaluate:
@@ -191,24 +216,20 @@ def _weight_distortion(targets) -> Evaluate:
     return measure
 
 
-def _additive(choices: list[_Choices], chosen: Mapping[str, float]) -> float:
-    return sum(float(c.distortion[np.flatnonzero(c.bits == chosen[c.name])[0]]) for c in choices)
+def _pick(choices: list[_Choices], lam: float) -> dict[str, Option]:
+    return {c.name: c.options[int(np.argmin(c.size + lam * c.distortion))] for c in choices}
 
 
-def _pick(choices: list[_Choices], lam: float) -> dict[str, float]:
-    return {c.name: float(c.bits[np.argmin(c.size + lam * c.distortion)]) for c in choices}
-
-
-def _totals(choices, chosen) -> tuple[float, float]:
+def _totals(choices: list[_Choices], chosen: Mapping[str, Option]) -> tuple[float, float]:
     size = distortion = 0.0
     for c in choices:
-        i = np.flatnonzero(c.bits == chosen[c.name])[0]
+        i = c.options.index(chosen[c.name])
         size += c.size[i]
         distortion += c.distortion[i]
     return size, distortion
 
 
-def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, float]]]:
+def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, Option]]]:
     """(size, additive distortion, choice) along the Lagrangian path, smallest size first."""
     seen, path = set(), []
     for lam in np.logspace(-6, 18, 400):
@@ -220,42 +241,51 @@ def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, float]]
     return sorted(path, key=lambda p: p[0])
 
 
-def _smallest_within(choices: list[_Choices], target: float) -> dict[str, float]:
-    """Smallest total size whose additive distortion is at most ``target``."""
-    for _size, distortion, chosen in _hull(choices):
-        if distortion <= target:
-            return chosen
-    return {c.name: float(c.bits[-1]) for c in choices}  # nothing reaches it: finest widths
+def _within_target(hull, target: float, joint) -> dict[str, Option] | None:
+    """The smallest allocation whose distortion is at most ``target``.
 
-
-def _joint_target(choices: list[_Choices], fixed: dict[str, float], joint) -> dict[str, float]:
-    """The smallest allocation whose joint distortion is at most that of ``fixed``.
-
-    Additivity is only an approximation (heavily quantized layers compound), so the additive
-    target is tightened step by step until a real joint evaluation confirms it: a handful of
-    forward passes.
+    Without a model the additive estimate is exact. With one, additivity is approximate
+    (heavily quantized layers compound; at moderate rates the sum overestimates), so a few
+    additive targets around the real one are tried, smallest file first, until a joint
+    evaluation confirms one: a handful of forward passes.
     """
-    reference = joint(fixed)
-    fixed_size = _totals(choices, fixed)[0]
-    target = _additive(choices, fixed)
-    for factor in (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.125):
-        chosen = _smallest_within(choices, target * factor)
-        if _totals(choices, chosen)[0] >= fixed_size:
+    factors = (1.0,) if joint is None else (2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18)
+    tried = set()
+    for factor in factors:
+        point = next((p for p in hull if p[1] <= target * factor), None)
+        if point is None:
+            continue
+        key = tuple(point[2].values())
+        if key in tried:
+            continue
+        tried.add(key)
+        if joint is None or joint(point[2]) <= target:
+            return point[2]
+    return None
+
+
+def _within_budget(hull, budget: int, file_size, joint) -> dict[str, Option]:
+    """The least distortion whose whole file is at most ``budget`` bytes."""
+    # what the tensors' own entries do not account for (raw tensors, the header's fixed
+    # part), measured once at the smallest point of the hull
+    fixed_cost = file_size(hull[0][2]) - hull[0][0]
+    room = budget - fixed_cost
+    for _ in range(8):
+        fitting = [p for p in hull if p[0] <= room]
+        if not fitting:
             break
-        if joint(chosen) <= reference:
+        if joint is None:
+            chosen = min(fitting, key=lambda p: p[1])[2]
+        else:  # the best by real evaluation among the largest few that fit
+            chosen = min(fitting[-6:], key=lambda p: joint(p[2]))[2]
+        over = file_size(chosen) - budget
+        if over <= 0:
             return chosen
-    return fixed
-
-
-def _best_within(choices: list[_Choices], room: float, joint=None) -> dict[str, float] | None:
-    """Least distortion whose total size is at most ``room`` bytes: the additive optimum, or,
-    with ``joint``, the best by joint evaluation among the largest few hull points that fit."""
-    fitting = [p for p in _hull(choices) if p[0] <= room]
-    if not fitting:
-        return None
-    if joint is None:
-        return min(fitting, key=lambda p: p[1])[2]
-    return min(fitting[-6:], key=lambda p: joint(p[2]))[2]
+        room -= over
+    raise E.EncodeError(
+        f"cannot fit in {budget:,} bytes: the smallest file qpack can make of this "
+        f"state_dict is {file_size(hull[0][2]):,} bytes"
+    )
 
 
 def parse_size(text: str) -> int:

@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheme",
         choices=schemes,
-        default=DEFAULT_SCHEME,
-        help=f"quantization scheme (default {DEFAULT_SCHEME})",
+        default=None,
+        help="quantization scheme (default: the best of asymmetric-per-layer and "
+        f"asymmetric-per-channel for each tensor; with --uniform or --no-entropy, "
+        f"{DEFAULT_SCHEME})",
     )
     p.add_argument(
         "--metadata",
@@ -348,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--samples",
         type=_positive_int,
-        default=500,
+        default=None,
         metavar="N",
-        help="held-out patches to evaluate (default 500)",
+        help="held-out patches to evaluate (default: qpack.demo.DEFAULT_SAMPLES, 300)",
     )
     p.add_argument(
         "--bits",
@@ -363,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheme",
         choices=schemes,
-        default=DEFAULT_SCHEME,
+        default=None,
         help=f"quantization scheme (default {DEFAULT_SCHEME})",
     )
     p.add_argument(
@@ -393,19 +395,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
         metadata["source_key"] = wrapper
     metadata.update(dict(args.metadata))
     try:
-        bits, how = _choose_bits(state, args)
+        options, how = _choose(state, args)
     except E.QpackError as exc:
         if exc.path is not None:
             raise
         raise type(exc)(exc.reason, path=args.input, tensor=exc.tensor) from None
-    save(
-        state,
-        args.output,
-        bits=bits,
-        scheme=args.scheme,
-        entropy=args.entropy,
-        metadata=metadata,
-    )
+    save(state, args.output, entropy=args.entropy, metadata=metadata, **options)
 
     size = os.path.getsize(args.output)
     params = sum(_numel(v.shape) for v in state.values() if _is_tensor(v))
@@ -413,44 +408,47 @@ def cmd_pack(args: argparse.Namespace) -> int:
     ratio = float32_bytes / size if size else 0.0
     print(
         f"packed {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "
-        f"{size:,} bytes ({how}, {args.scheme}), {ratio:.2f}x smaller than "
-        f"float32 ({float32_bytes:,} bytes)"
+        f"{size:,} bytes ({how}), {ratio:.2f}x smaller than float32 ({float32_bytes:,} bytes)"
     )
     return 0
 
 
-def _choose_bits(state: Mapping[str, Any], args: argparse.Namespace):
-    """The ``bits`` option for save() and a few words saying how it was chosen."""
+def _choose(state: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict, str]:
+    """save()'s ``bits`` and ``scheme`` options, and a few words saying how they were chosen."""
     if args.max_size is not None and not args.entropy:
         raise _UsageError("--max-size needs entropy coding (drop --no-entropy)")
-    if (
-        args.calibration is not None
-        and args.max_size is None
-        and (args.uniform or not args.entropy)
-    ):
+    per_tensor = args.max_size is not None or (args.entropy and not args.uniform)
+    if args.calibration is not None and not per_tensor:
         raise _UsageError("--calibration only applies when widths are chosen per tensor")
-    if args.max_size is None and (args.uniform or not args.entropy):
+    if not per_tensor:
+        scheme = args.scheme or DEFAULT_SCHEME
         kind = "Huffman-coded" if args.entropy else "fixed-width"
-        return args.bits, f"{args.bits}-bit {kind}"
-    from .budget import allocate
+        return {"bits": args.bits, "scheme": scheme}, f"{args.bits}-bit {kind}, {scheme}"
+    from .budget import OPTION_SCHEMES, allocate
 
     evaluate, basis = _evaluator(state, args.calibration)
-    progress = (
-        (lambda msg: print(f"qpack: {msg}", file=sys.stderr)) if sys.stderr.isatty() else None
+
+    def progress(message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"qpack: {message}", file=sys.stderr)
+
+    goal = dict(max_size=args.max_size) if args.max_size is not None else dict(bits=args.bits)
+    plan = allocate(
+        state,
+        **goal,
+        evaluate=evaluate,
+        schemes=(args.scheme,) if args.scheme else OPTION_SCHEMES,
+        progress=progress,
     )
-    if args.max_size is not None:
-        plan = allocate(
-            state, max_size=args.max_size, evaluate=evaluate, scheme=args.scheme, progress=progress
-        )
-        goal = f"at most {args.max_size:,} bytes"
-    else:
-        plan = allocate(
-            state, bits=args.bits, evaluate=evaluate, scheme=args.scheme, progress=progress
-        )
-        goal = f"quality of {args.bits}-bit"
-    widths = [b for b in plan.values() if b is not None]
+    widths = [b for b in plan["bits"].values() if b is not None]
     span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no weights"
-    return plan, f"{goal}: {span} by {basis}"
+    used = ", ".join(sorted(set(plan["scheme"].values())))
+    target = (
+        f"at most {args.max_size:,} bytes"
+        if args.max_size is not None
+        else f"accuracy of {args.bits}-bit"
+    )
+    return plan, f"{target}: {span} ({used}), chosen by {basis}"
 
 
 def _evaluator(state: Mapping[str, Any], calibration: str | None):
@@ -466,10 +464,10 @@ def _evaluator(state: Mapping[str, Any], calibration: str | None):
     import numpy as np
 
     if calibration is None:
-        from .synthetic import CALIBRATION_SEED, make_patches
+        from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, make_patches
 
-        inputs = make_patches(64, CALIBRATION_SEED)[0]
-        source = "64 synthetic patches"
+        inputs = make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)[0]
+        source = f"{CALIBRATION_PATCHES} synthetic patches"
     else:
         inputs = _read_calibration(calibration)
         source = f"{len(inputs)} patches of {Path(calibration).name}"
@@ -602,12 +600,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from .demo import format_table, run_demo
+    from .demo import DEFAULT_SAMPLES, format_table, run_demo
 
     started = time.perf_counter()
+    samples = args.samples or DEFAULT_SAMPLES
     rows = run_demo(
         checkpoint=args.checkpoint,
-        samples=args.samples,
+        samples=samples,
         bits=args.bits,
         scheme=args.scheme,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
@@ -615,7 +614,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         uniform=args.uniform,
     )
     print(format_table(rows))
-    print(f"({args.samples} held-out patches, {time.perf_counter() - started:.1f} s)")
+    print(f"({samples} held-out patches, {time.perf_counter() - started:.1f} s)")
     return 0
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import __version__
 from . import errors as E
-from .bitpack import pack_codes, padding_is_zero, unpack_codes
+from .bitpack import pack_codes, packed_size, padding_is_zero, unpack_codes
 from .container import (
     DTYPE_SIZES,
     FLOAT_DTYPES,
@@ -44,13 +44,13 @@ from .schemes import (
     DEFAULT_SCHEME,
     SCHEMES,
     apply_table,
-    code_bits,
     dequantize_table,
     levels_for,
     quantize,
 )
 
 BitsOption = float | Mapping[str, "float | None"]
+SchemeOption = str | Mapping[str, str]
 
 # numpy dtype of each header dtype's raw bytes; bfloat16 travels as its uint16 bit patterns.
 NUMPY_DTYPES = {
@@ -103,23 +103,29 @@ def _bits_for(name: str, array: np.ndarray, dtype: str, bits: BitsOption) -> int
     return default if dtype in FLOAT_DTYPES and array.ndim >= 2 else None
 
 
-def _check_options(names: list[str], bits: BitsOption, scheme: str) -> None:
-    if scheme not in SCHEMES:
-        raise E.EncodeError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+def _check_options(names: list[str], bits: BitsOption, scheme: SchemeOption) -> None:
+    schemes = scheme.values() if isinstance(scheme, Mapping) else [scheme]
+    for name in schemes:
+        if name not in SCHEMES:
+            raise E.EncodeError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+    for option, what in ((bits, "bits"), (scheme, "scheme")):
+        if isinstance(option, Mapping):
+            unknown = sorted(set(option) - set(names))
+            if unknown:
+                raise E.EncodeError(f"{what} given for tensors not in the state_dict: {unknown}")
     values = bits.values() if isinstance(bits, Mapping) else [bits]
     for value in values:
-        if value is None:
-            continue
-        try:
-            levels = levels_for(value)
-        except ValueError as exc:
-            raise E.EncodeError(str(exc)) from None
-        if scheme == "symmetric-per-layer" and levels != 1 << code_bits(levels):
-            raise E.EncodeError(f"{scheme} needs a whole number of bits, got {value!r}")
-    if isinstance(bits, Mapping):
-        unknown = sorted(set(bits) - set(names))
-        if unknown:
-            raise E.EncodeError(f"bits given for tensors not in the state_dict: {unknown}")
+        if value is not None:
+            try:
+                levels_for(value)
+            except ValueError as exc:
+                raise E.EncodeError(str(exc)) from None
+
+
+def _scheme_for(name: str, scheme: SchemeOption) -> str:
+    if isinstance(scheme, Mapping):
+        return scheme.get(name, DEFAULT_SCHEME)
+    return scheme
 
 
 def encode_tensor(
@@ -131,12 +137,28 @@ def encode_tensor(
     entropy: bool = False,
 ) -> tuple[TensorEntry, np.ndarray]:
     """Build one tensor's header entry (offset not yet assigned) and its payload bytes."""
-    shape = tuple(int(d) for d in array.shape)
     if bits is None:
         payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
         payload = payload.view(np.uint8)
+        shape = tuple(int(d) for d in array.shape)
         entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, zlib.crc32(payload))
         return entry, payload
+    entry, codes = quantize_tensor(name, array, dtype, bits, scheme, entropy)
+    if entry.storage == "huffman":
+        payload = encode_symbols(group_codes(codes, entry.bits, entry.group), entry.code_lengths)
+    else:
+        payload = pack_codes(codes, entry.bits)
+    assert payload.size == entry.length
+    entry.crc32 = zlib.crc32(payload)
+    return entry, payload
+
+
+def quantize_tensor(
+    name: str, array: np.ndarray, dtype: str, bits: float, scheme: str, entropy: bool
+) -> tuple[TensorEntry, np.ndarray]:
+    """Quantize one floating tensor and choose its storage: the header entry (with its
+    length; no CRC or offset yet) and the flat codes. Builds no payload, so it is cheap
+    enough to try many settings (see :mod:`qpack.budget`)."""
     values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32)
     if not np.isfinite(values).all():
         raise E.EncodeError(
@@ -144,7 +166,10 @@ def encode_tensor(
             "clean the weights or keep this tensor raw",
             tensor=name,
         )
-    q = quantize(values, bits, scheme)
+    try:
+        q = quantize(values, bits, scheme)
+    except ValueError as exc:  # e.g. fractional bits for the origin's symmetric quantizer
+        raise E.EncodeError(str(exc), tensor=name) from None
     if not np.isfinite(dequantize_table(q.bits, q.scale, q.zero_point)).all():
         raise E.EncodeError(
             f"values near the float32 limit (max |w| = {np.abs(values).max():.3g}) overflow "
@@ -153,11 +178,11 @@ def encode_tensor(
         )
     entry = TensorEntry(
         name,
-        shape,
+        tuple(int(d) for d in array.shape),
         dtype,
         "packed",
         0,
-        0,
+        packed_size(q.codes.size, q.bits),
         0,
         bits=q.bits,
         scheme=scheme,
@@ -166,21 +191,26 @@ def encode_tensor(
         scale=q.scale,
         zero_point=q.zero_point,
     )
-    payload = pack_codes(q.codes, q.bits)
     if entropy:
-        group, lengths, size = best_group(q.codes, q.bits)
-        if size < payload.size:  # the table is in `size`: fall back when Huffman loses
+        group, lengths, stream = best_group(q.codes, q.bits)
+        # the code length table travels in the header: count it against Huffman
+        if stream + packed_size(lengths.size, 4) < entry.length:
             entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
-            payload = encode_symbols(group_codes(q.codes, q.bits, group), lengths)
-    entry.length, entry.crc32 = payload.size, zlib.crc32(payload)
-    return entry, payload
+            entry.length = stream
+    return entry, q.codes
+
+
+def decode_codes_values(entry: TensorEntry, codes: np.ndarray) -> np.ndarray:
+    """The float32 values that codes decode to (spec section 6.1), in the tensor's shape."""
+    table = dequantize_table(entry.bits, entry.scale, entry.zero_point)
+    return apply_table(table, codes).reshape(entry.shape)
 
 
 def encode_chunks(
     items: Iterable[tuple[str, np.ndarray, str]],
     *,
     bits: BitsOption = DEFAULT_BITS,
-    scheme: str = DEFAULT_SCHEME,
+    scheme: SchemeOption = DEFAULT_SCHEME,
     entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> Iterator[bytes | np.ndarray]:
@@ -199,7 +229,14 @@ def encode_chunks(
             raise E.EncodeError(f"metadata must map strings to strings ({key!r}: {value!r})")
         meta[key] = value
     encoded = [
-        encode_tensor(name, array, dtype, _bits_for(name, array, dtype, bits), scheme, entropy)
+        encode_tensor(
+            name,
+            array,
+            dtype,
+            _bits_for(name, array, dtype, bits),
+            _scheme_for(name, scheme),
+            entropy,
+        )
         for name, array, dtype in items
     ]
     return serialize(encoded, meta)
@@ -268,7 +305,7 @@ def encode(
     arrays: Mapping[str, np.ndarray],
     *,
     bits: BitsOption = DEFAULT_BITS,
-    scheme: str = DEFAULT_SCHEME,
+    scheme: SchemeOption = DEFAULT_SCHEME,
     entropy: bool = DEFAULT_ENTROPY,
     metadata: Mapping[str, str] | None = None,
 ) -> bytes:
@@ -391,12 +428,11 @@ def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
         if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
             raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
         return out.astype(out.dtype.newbyteorder("="))
-    table = dequantize_table(entry.bits, entry.scale, entry.zero_point)
-    if not np.isfinite(table).all():
+    if not np.isfinite(dequantize_table(entry.bits, entry.scale, entry.zero_point)).all():
         raise E.HeaderError(
             "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
         )
-    return apply_table(table, decode_codes(entry, data, path)).reshape(entry.shape)
+    return decode_codes_values(entry, decode_codes(entry, data, path))
 
 
 def decode_codes(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:

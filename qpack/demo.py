@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from .api import load, save
-from .budget import allocate
+from .budget import OPTION_SCHEMES, Allocator
 from .cli import CheckpointError, read_checkpoint
 from .schemes import DEFAULT_SCHEME, SCHEMES
-from .synthetic import CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
+from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
 from .unet import UNet, default_checkpoint_path, make_evaluator
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 DEFAULT_BITS = (8, 4, 3)
-DEFAULT_SAMPLES = 500
+DEFAULT_SAMPLES = 300
 BATCH_SIZE = 100
 #: How the float32 row's size is measured.
 FLOAT_SIZE_BASIS = "float32 state_dict written with torch.save"
@@ -115,7 +115,7 @@ def run_demo(
     checkpoint: str | os.PathLike | None = None,
     samples: int = DEFAULT_SAMPLES,
     bits: Iterable[int] = DEFAULT_BITS,
-    scheme: str = DEFAULT_SCHEME,
+    scheme: str | None = None,
     *,
     seed: int = HELDOUT_SEED,
     batch_size: int = BATCH_SIZE,
@@ -139,7 +139,7 @@ def run_demo(
     per parameter. Quantized files go to ``workdir`` (kept) or a temporary folder (removed).
     """
     bits = [int(b) for b in bits]
-    if scheme not in SCHEMES:
+    if scheme is not None and scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     for b in bits:
         if not 1 <= b <= 8:
@@ -191,13 +191,17 @@ def run_demo(
                 }
             ]
             name = Path(checkpoint).name
-            evaluator = None
+            allocator = None
             if not uniform:
-                note("measuring layer sensitivity on calibration patches")
-                calibration, _ = make_patches(64, CALIBRATION_SEED)
-                evaluator = make_evaluator(state, calibration)
+                note("measuring each layer's effect on the output (calibration patches)")
+                calibration, _ = make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)
+                allocator = Allocator(
+                    state,
+                    evaluate=make_evaluator(state, calibration),
+                    schemes=(scheme,) if scheme else OPTION_SCHEMES,
+                )
             for b in bits:
-                for label, how, options in _settings(state, b, scheme, origin, evaluator):
+                for label, how, options in _settings(b, scheme, origin, allocator):
                     path = folder / f"unet_{label}_{b}bit.qpk"
                     save(state, path, metadata={"source": name}, **options)
                     size = path.stat().st_size
@@ -219,7 +223,7 @@ def run_demo(
     return rows
 
 
-def _settings(state, bits: int, scheme: str, origin: bool, evaluator):
+def _settings(bits: int, scheme: str | None, origin: bool, allocator: Allocator | None):
     """(label, description, save options) of the files compared at one bit width."""
     if origin:
         # the origin's per-layer symmetric quantizer, stored densely: what it never had
@@ -232,19 +236,18 @@ def _settings(state, bits: int, scheme: str, origin: bool, evaluator):
                 "entropy": False,
             },
         )
-    if evaluator is None:
+    if allocator is None:
+        scheme = scheme or DEFAULT_SCHEME
         yield "qpack", f"{scheme}, Huffman", {"bits": bits, "scheme": scheme, "entropy": True}
     else:
-        plan = allocate(state, bits=bits, evaluate=evaluator, scheme=scheme)
-        yield (
-            "qpack",
-            f"{scheme}, Huffman, widths per layer",
-            {
-                "bits": plan,
-                "scheme": scheme,
-                "entropy": True,
-            },
+        plan = allocator.for_bits(bits)
+        widths = [b for b in plan["bits"].values() if b is not None]
+        per_channel = sum(s.endswith("per-channel") for s in plan["scheme"].values())
+        how = (
+            f"Huffman, {min(widths):g}-{max(widths):g} bits, "
+            f"{per_channel}/{len(widths)} layers per-channel"
         )
+        yield "qpack", how, {**plan, "entropy": True}
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

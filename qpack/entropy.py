@@ -190,14 +190,15 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
 
 
 def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int]:
-    """The group size giving the smallest stream plus table: (group, lengths, bytes)."""
+    """The group size giving the smallest stream plus code length table:
+    (group, code lengths, stream bytes)."""
     best = None
     for group in group_choices(bits):
         symbols = group_codes(codes, bits, group)
         alphabet = 1 << (group * bits)
         hist = np.bincount(symbols, minlength=alphabet)
         lengths = huffman_lengths(hist)
-        size = math.ceil(stream_bits(hist, lengths) / 8) + packed_size(alphabet, 4)
-        if best is None or size < best[2]:
-            best = (group, lengths, size)
-    return best
+        stream = math.ceil(stream_bits(hist, lengths) / 8)
+        if best is None or stream + packed_size(alphabet, 4) < best[3]:
+            best = (group, lengths, stream, stream + packed_size(alphabet, 4))
+    return best[:3]

@@ -129,6 +129,24 @@ def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
     return _pack_result(q, scale, zero, levels)
 
 
+def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
+    """Min/max affine quantization with one step for the whole tensor (range holds 0).
+
+    With entropy coding this is usually the better grid: a uniform step spends bits where
+    the weights are, whereas per-channel steps refine wide channels for nothing.
+    """
+    rows = _rows(w).reshape(1, -1)
+    lo, hi = _range(rows)
+    scale, zero, q = _affine(rows, lo, hi, levels - 1)
+    return Quantized(
+        codes=q.astype(np.uint8).reshape(-1),
+        scale=scale,
+        zero_point=zero.astype(np.float32),
+        granularity="tensor",
+        bits=code_bits(levels),
+    )
+
+
 # Fractions of each channel's [min, max] range tried by the clipping search.
 CLIP_RATIOS = np.linspace(1.0, 0.3, 29)
 
@@ -158,6 +176,7 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
 SCHEMES = {
     "symmetric-per-layer": _symmetric_per_layer,
     "asymmetric-per-channel": _asymmetric_per_channel,
+    "asymmetric-per-layer": _asymmetric_per_layer,
     "mse-per-channel": _mse_per_channel,
 }
 DEFAULT_SCHEME = "asymmetric-per-channel"

@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CALIBRATION_SEED", "HELDOUT_SEED", "PATCH_SIZE", "dice_iou", "make_patches"]
+__all__ = [
+    "CALIBRATION_PATCHES",
+    "CALIBRATION_SEED",
+    "HELDOUT_SEED",
+    "PATCH_SIZE",
+    "dice_iou",
+    "make_patches",
+]
 
 HELDOUT_SEED = 1_000_000
 #: Seed of the default calibration patches for ``qpack pack --max-size`` (sensitivity
 #: measurement): below the held-out range and above any training step's seed.
 CALIBRATION_SEED = 999_000
+#: How many calibration patches: enough to rank layers by sensitivity, few enough to keep
+#: the ~40 forward passes of an allocation to seconds on two cores.
+CALIBRATION_PATCHES = 64
 PATCH_SIZE = 36
 # Patches are built in chunks to bound peak memory; fixed so output depends only on (n, seed).
 _CHUNK = 2048

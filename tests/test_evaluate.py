@@ -166,7 +166,7 @@ def test_optimized_rows(ev, state, tmp_path):
         assert row["plan"] and 0 <= row["mean_abs_dp"] < 1
     # the plans are real mappings of the quantized weights to widths
     weights = {n for n, a in state.items() if a.ndim >= 2}
-    assert set(rows[0]["plan"]) == weights
+    assert set(rows[0]["plan"]["bits"]) == weights
 
 
 def test_ratios_and_outputs(result, ev, tmp_path):
