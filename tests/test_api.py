@@ -255,7 +255,7 @@ def test_bits_mapping_with_unknown_name_raises(tmp_path):
     assert files_in(tmp_path) == []
 
 
-@pytest.mark.parametrize("bad", [0, 9, True, 4.0, "4", -1])
+@pytest.mark.parametrize("bad", [0, 9, True, 0.5, 8.5, float("nan"), "4", -1])
 def test_bad_bits_raise(tmp_path, bad):
     with pytest.raises(E.QpackError):
         qpack.save({"w": torch.ones(2, 2)}, tmp_path / "m.qpk", bits=bad)

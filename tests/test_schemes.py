@@ -233,10 +233,12 @@ def test_quantize_rejects_bad_options():
     w = np.ones((2, 2), dtype=np.float32)
     with pytest.raises(ValueError):
         quantize(w, 4, "no-such-scheme")
-    for bad in (0, 9, True, 4.0):
+    for bad in (0, 9, True, 0.5, 8.5, "4"):
         with pytest.raises(ValueError):
             quantize(w, bad, ASYM)
-    assert set(qpack.SCHEMES) == {SYM, ASYM}
+    with pytest.raises(ValueError):
+        quantize(w, 4.5, SYM)  # the origin's quantizer needs whole bits
+    assert set(qpack.SCHEMES) == {SYM, ASYM, "asymmetric-per-layer", "mse-per-channel"}
     assert qpack.DEFAULT_SCHEME == ASYM
 
 

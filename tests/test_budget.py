@@ -1,0 +1,153 @@
+"""Width/scheme allocation (qpack.allocate), the extra schemes and fractional widths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qpack
+from qpack.budget import Allocator, parse_size
+from qpack.schemes import code_bits, levels_for, quantize
+
+
+def _state(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "a.weight": (0.05 * rng.standard_t(4, size=(32, 16, 3, 3))).astype(np.float32),
+        "a.bias": rng.normal(size=32).astype(np.float32),
+        "b.weight": (0.2 * rng.standard_t(4, size=(64, 32, 3, 3))).astype(np.float32),
+        "steps": np.array(3, dtype=np.int64),
+    }
+
+
+def _rel_errors(state, path) -> dict[str, float]:
+    out = qpack.load_numpy(path)
+    return {
+        k: float(np.mean((out[k] - v) ** 2) / np.mean(v**2))
+        for k, v in state.items()
+        if v.ndim >= 2
+    }
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_allocate_bits_is_smaller_and_at_least_as_accurate(tmp_path, bits):
+    state = _state()
+    plan = qpack.allocate(state, bits=bits)
+    assert set(plan["bits"]) == set(state)
+    assert plan["bits"]["a.bias"] is None and plan["bits"]["steps"] is None
+    assert set(plan["scheme"]) == {"a.weight", "b.weight"}
+    qpack.save(state, tmp_path / "plan.qpk", **plan)
+    # the reference: fixed-width N-bit per channel (standard per-layer int8 at 8 bits)
+    ref_scheme = "symmetric-per-layer" if bits == 8 else "asymmetric-per-channel"
+    qpack.save(state, tmp_path / "ref.qpk", bits=bits, scheme=ref_scheme, entropy=False)
+    assert (tmp_path / "plan.qpk").stat().st_size < (tmp_path / "ref.qpk").stat().st_size
+    got = sum(_rel_errors(state, tmp_path / "plan.qpk").values())
+    ref = sum(_rel_errors(state, tmp_path / "ref.qpk").values())
+    assert got <= ref * (1 + 1e-9)
+    np.testing.assert_array_equal(
+        qpack.load_numpy(tmp_path / "plan.qpk")["a.bias"], state["a.bias"]
+    )
+
+
+def test_allocate_max_size_never_exceeds_the_budget(tmp_path):
+    state = _state(1)
+    errors = []
+    for budget in (6_000, 12_000, 24_000):
+        plan = qpack.allocate(state, max_size=budget)
+        path = tmp_path / f"{budget}.qpk"
+        qpack.save(state, path, **plan)
+        assert path.stat().st_size <= budget
+        errors.append(sum(_rel_errors(state, path).values()))
+    assert errors[0] > errors[1] > errors[2]  # more room, less error
+    with pytest.raises(qpack.QpackError, match="cannot fit"):
+        qpack.allocate(state, max_size=500)
+    with pytest.raises(qpack.QpackError):
+        qpack.allocate(state)  # neither bits nor max_size
+    with pytest.raises(qpack.QpackError):
+        qpack.allocate(state, bits=4, max_size=10_000)
+
+
+def test_sensitive_tensors_get_more_bits():
+    """With an evaluator that weighs one tensor 1000x, that tensor gets the finer grid."""
+    state = _state(2)
+    reference = {k: v.astype(np.float64) for k, v in state.items()}
+    weight = {"a.weight": 1000.0, "b.weight": 1.0}
+
+    def evaluate(replaced):
+        return sum(
+            weight[k] * float(np.mean((v - reference[k]) ** 2) / np.mean(reference[k] ** 2))
+            for k, v in replaced.items()
+        )
+
+    allocator = Allocator(state, evaluate=evaluate)
+    for bits in (4, 6):
+        plan = allocator.for_bits(bits)
+        assert plan["bits"]["a.weight"] > plan["bits"]["b.weight"]
+
+
+def test_fractional_widths_use_round_2_pow_bits_levels():
+    w = np.random.default_rng(3).normal(size=(8, 50)).astype(np.float32)
+    for bits in (1.5, 2.5, 4.5, 6.5, 7.5):
+        levels = levels_for(bits)
+        assert levels == round(2**bits)
+        q = quantize(w, bits, "asymmetric-per-channel")
+        assert q.bits == code_bits(levels) and int(q.codes.max()) < levels
+    out = qpack.decode(qpack.encode({"w": w}, bits=4.5))["w"]
+    assert (
+        np.abs(out - w).max() < np.abs(qpack.decode(qpack.encode({"w": w}, bits=4))["w"] - w).max()
+    )
+
+
+def test_asymmetric_per_layer_and_mse_per_channel():
+    rng = np.random.default_rng(4)
+    w = (rng.standard_t(3, size=(16, 64)) * np.exp(rng.normal(size=(16, 1)))).astype(np.float32)
+    for bits in (2, 3, 4, 8):
+        layer = quantize(w, bits, "asymmetric-per-layer")
+        assert layer.granularity == "tensor" and layer.scale.size == 1
+        decoded = qpack.decode(qpack.encode({"w": w}, bits=bits, scheme="asymmetric-per-layer"))
+        lo, hi = min(w.min(), 0), max(w.max(), 0)
+        assert np.abs(decoded["w"] - w).max() <= 0.5 * (hi - lo) / (2**bits - 1) * (1 + 1e-5)
+        errs = {}
+        for scheme in ("asymmetric-per-channel", "mse-per-channel"):
+            out = qpack.decode(qpack.encode({"w": w}, bits=bits, scheme=scheme))["w"]
+            errs[scheme] = ((out - w).astype(np.float64) ** 2).sum(axis=1)
+        # the clipping search includes the unclipped range, so it is never worse per channel
+        assert np.all(errs["mse-per-channel"] <= errs["asymmetric-per-channel"] * (1 + 1e-6))
+        if bits <= 3:
+            assert errs["mse-per-channel"].sum() < errs["asymmetric-per-channel"].sum()
+
+
+def test_scheme_mapping_in_save(tmp_path):
+    state = _state(5)
+    qpack.save(state, tmp_path / "m.qpk", bits=4, scheme={"a.weight": "asymmetric-per-layer"})
+    rows = {t["name"]: t for t in qpack.inspect(tmp_path / "m.qpk")["tensors"]}
+    assert rows["a.weight"]["scheme"] == "asymmetric-per-layer"
+    assert rows["b.weight"]["scheme"] == qpack.DEFAULT_SCHEME
+    with pytest.raises(qpack.QpackError):
+        qpack.save(state, tmp_path / "x.qpk", scheme={"nope": "asymmetric-per-layer"})
+    with pytest.raises(qpack.QpackError):
+        qpack.save(state, tmp_path / "x.qpk", scheme={"a.weight": "nope"})
+    with pytest.raises(qpack.QpackError):
+        qpack.save(state, tmp_path / "x.qpk", bits=4.5, scheme="symmetric-per-layer")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("145000", 145000),
+        ("145k", 145000),
+        ("145kB", 145000),
+        ("1.5M", 1500000),
+        ("64KiB", 65536),
+        ("2MiB", 2097152),
+        ("1_000", 1000),
+    ],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "k", "-5", "0", "1.5x", "nan", "inf"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
