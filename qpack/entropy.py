@@ -131,6 +131,8 @@ def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream."""
     values = canonical_codes(lengths)
     sym_len = lengths.astype(np.int64)[symbols]
+    if symbols.size and not sym_len.min():
+        raise ValueError("a symbol to encode has no codeword (code length 0)")
     sym_code = values[symbols]
     total = int(sym_len.sum())
     starts = np.cumsum(sym_len) - sym_len

@@ -202,6 +202,26 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         ),
         "a small model: 3-bit conv weight, 8-bit linear weight, raw bias and counter",
     )
+    v["scheme_asymmetric_per_layer"] = (
+        _file(
+            [("w", (0.3 * r.standard_t(3, size=(6, 10))).astype(np.float32))],
+            bits=5,
+            scheme="asymmetric-per-layer",
+        ),
+        "5-bit asymmetric-per-layer: one scale and zero point for the tensor",
+    )
+    v["scheme_mse_per_channel"] = (
+        _file(
+            [("w", (0.3 * r.standard_t(2, size=(5, 12))).astype(np.float32))],
+            bits=3,
+            scheme="mse-per-channel",
+        ),
+        "3-bit mse-per-channel: clipped per-channel ranges",
+    )
+    v["fractional_width_23_levels"] = (
+        _file([("w", r.normal(size=(4, 9)).astype(np.float32))], bits=4.5),
+        "bits=4.5 in the writer: 23 levels, stored as 5-bit codes",
+    )
     v["huffman_worked_example"] = (
         _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS),
         "the spec's Huffman worked example: codes 0,0,1,2,0,3 -> bytes 34 07",
@@ -214,8 +234,11 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         ),
         "4-bit per-channel codes, Huffman-coded two codes per symbol",
     )
+    sparse = (r.random(61) < 0.1).astype(np.uint8)
     v["huffman_group8_bits1"] = (
-        _huffman((r.random(61) < 0.1).astype(np.uint8), 1, 8, _lengths_for(1, 8, 61, r)),
+        _huffman(
+            sparse, 1, 8, huffman_lengths(np.bincount(group_codes(sparse, 1, 8), minlength=256))
+        ),
         "1-bit codes, eight per symbol; 61 codes, so the last symbol has 3 zero padding codes",
     )
     v["huffman_bits8_mixed"] = (
@@ -239,15 +262,6 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         "version 1.99 with unknown optional keys: a 1.x reader ignores them and decodes",
     )
     return v
-
-
-def _lengths_for(bits: int, group: int, count: int, r) -> np.ndarray:
-    """Huffman lengths for the histogram the 1-bit vector draws (recomputed from a copy)."""
-    state = r.bit_generator.state
-    codes = (r.random(count) < 0.1).astype(np.uint8)
-    r.bit_generator.state = state
-    symbols = group_codes(codes, bits, group)
-    return huffman_lengths(np.bincount(symbols, minlength=1 << (bits * group)))
 
 
 def _future_minor(base: bytes) -> bytes:
