@@ -54,6 +54,24 @@ DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 STORAGE_KINDS = ("raw", "packed", "huffman")
+# Every key a tensor entry may carry (spec section 4.2); others are ignored extensions.
+TENSOR_KEYS = (
+    "name",
+    "shape",
+    "dtype",
+    "storage",
+    "offset",
+    "length",
+    "crc32",
+    "bits",
+    "dequant",
+    "granularity",
+    "scale",
+    "zero_point",
+    "scheme",
+    "group",
+    "code_lengths",
+)
 QUANTIZED_KINDS = ("packed", "huffman")
 GRANULARITIES = ("tensor", "channel")
 

@@ -107,12 +107,12 @@ def _range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(rows.min(axis=1), 0.0), np.maximum(rows.max(axis=1), 0.0)
 
 
-def _pack_result(q, scale, zero, levels) -> Quantized:
+def _pack_result(q, scale, zero, levels, granularity: Granularity = "channel") -> Quantized:
     return Quantized(
         codes=q.astype(np.uint8).reshape(-1),
         scale=scale,
         zero_point=zero.astype(np.float32),
-        granularity="channel",
+        granularity=granularity,
         bits=code_bits(levels),
     )
 
@@ -138,13 +138,7 @@ def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     rows = _rows(w).reshape(1, -1)
     lo, hi = _range(rows)
     scale, zero, q = _affine(rows, lo, hi, levels - 1)
-    return Quantized(
-        codes=q.astype(np.uint8).reshape(-1),
-        scale=scale,
-        zero_point=zero.astype(np.float32),
-        granularity="tensor",
-        bits=code_bits(levels),
-    )
+    return _pack_result(q, scale, zero, levels, "tensor")
 
 
 # Fractions of each channel's [min, max] range tried by the clipping search.

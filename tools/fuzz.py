@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import qpack  # noqa: E402
-from qpack.container import frame_header  # noqa: E402
+from qpack.container import TENSOR_KEYS, frame_header  # noqa: E402
 
 SLOW_SECONDS = 1.0
 # Spec section 7: a huffman tensor decodes to at most 256x its bytes (8 codes per bit).
@@ -123,23 +123,7 @@ def _nasty_value(rng: random.Random):
     return rng.choice(choices)
 
 
-_TENSOR_KEYS = [
-    "group",
-    "code_lengths",
-    "name",
-    "shape",
-    "dtype",
-    "storage",
-    "offset",
-    "length",
-    "crc32",
-    "bits",
-    "dequant",
-    "granularity",
-    "scale",
-    "zero_point",
-    "scheme",
-]
+_TENSOR_KEYS = list(TENSOR_KEYS)
 
 
 def _deep(depth: int) -> bytes:
@@ -165,7 +149,8 @@ def mutate_structure(blob: bytes, rng: random.Random) -> bytes:
             elif action < 0.8:
                 t.pop(key, None)
             elif action < 0.9 and len(tensors) > 1:
-                t["name"] = rng.choice(tensors).get("name")  # duplicate names
+                other = rng.choice(tensors)  # duplicate names (or a name of another type)
+                t["name"] = other.get("name") if isinstance(other, dict) else other
             else:
                 t["shape"] = [rng.choice([0, 1, 3, 2**20, 2**40]) for _ in range(rng.randint(0, 5))]
     elif roll < 0.65:
