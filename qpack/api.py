@@ -90,18 +90,56 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict
 
     Quantized tensors are dequantized to float32 exactly as the spec says, then cast to their
     original floating dtype. Raises a :class:`qpack.QpackError` subclass for any bad file.
+    Every checksum, padding bit and alignment byte of the file is checked.
     """
+    with Reader(path) as reader:
+        return {entry.name: _tensor(entry, array, device) for entry, array in reader.arrays()}
+
+
+def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
+    """The torch tensor of a decoded array, in the tensor's original dtype."""
     import torch
 
-    out: dict[str, torch.Tensor] = {}
-    with Reader(path) as reader:
-        for entry, array in reader.arrays():
-            if entry.storage == "raw" and entry.dtype == "bfloat16":
-                tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-            else:
-                tensor = torch.from_numpy(array).to(getattr(torch, entry.dtype))
-            out[entry.name] = tensor.to(device)
-    return out
+    if entry.storage == "raw" and entry.dtype == "bfloat16":
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array).to(getattr(torch, entry.dtype))
+    return tensor.to(device)
+
+
+class QpackFile:
+    """Lazy access to a .qpk file, like safetensors' ``safe_open``: the header is read and
+    validated when opened; :meth:`get` reads, checks and decodes only that tensor's bytes."""
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        self._reader = Reader(path)
+        self._device = device
+
+    def keys(self) -> list[str]:
+        """Tensor names, in file (state_dict) order."""
+        return self._reader.keys()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._reader.metadata
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, decoded and in its original dtype; KeyError for an unknown name."""
+        return _tensor(self._reader.entry(name), self._reader.array(name), self._device)
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> QpackFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QpackFile:
+    """Open a .qpk file for lazy, per-tensor reading (use as a context manager)."""
+    return QpackFile(path, device)
 
 
 def inspect(path: str | os.PathLike, *, stats: bool = False) -> dict:

@@ -1,0 +1,72 @@
+"""qpack.open: lazy per-tensor access that reads only the tensor asked for."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import qpack
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    state = {
+        "big.weight": torch.randn(256, 128, 3, 3),
+        "big.bias": torch.randn(256),
+        "small.weight": torch.randn(4, 4).to(torch.bfloat16),
+        "count": torch.tensor(7),
+    }
+    path = tmp_path / "m.qpk"
+    qpack.save(state, path, bits=4, metadata={"model": "lazy"})
+    return path, state
+
+
+def test_open_matches_load(saved):
+    path, state = saved
+    full = qpack.load(path)
+    with qpack.open(path) as f:
+        assert f.keys() == list(state)
+        assert f.metadata["model"] == "lazy"
+        for name in reversed(f.keys()):  # any order
+            got = f.get(name)
+            assert got.dtype == full[name].dtype and torch.equal(got, full[name])
+        with pytest.raises(KeyError, match="nope"):
+            f.get("nope")
+
+
+def test_get_reads_only_that_tensor(saved, monkeypatch):
+    path, _ = saved
+    sizes = {t["name"]: t["bytes"] for t in qpack.inspect(path)["tensors"]}
+    read = []
+    real_pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    with qpack.open(path) as f:
+        header_bytes = sum(read)
+        read.clear()
+        f.get("small.weight")
+    assert sum(read) == sizes["small.weight"]  # not a byte of the big tensor
+    assert header_bytes < os.path.getsize(path) - sizes["big.weight"]
+
+
+def test_get_checks_that_tensor(saved):
+    """A damaged tensor fails on its own get(); the others still decode exactly."""
+    path, _ = saved
+    before = qpack.load(path)
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0x01  # inside the last tensor's bytes ("count", raw)
+    path.write_bytes(bytes(blob))
+    with qpack.open(path) as f:
+        assert torch.equal(f.get("big.bias"), before["big.bias"])
+        with pytest.raises(qpack.QpackError, match="checksum"):
+            f.get("count")
+    with pytest.raises(qpack.QpackError):
+        qpack.load(path)
