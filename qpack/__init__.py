@@ -7,7 +7,7 @@ need only numpy and msgpack.
 
 __version__ = "1.0.0"
 
-from .api import inspect, load, open, save  # noqa: E402
+from .api import inspect, load, load_into, open, save  # noqa: E402
 from .bitpack import pack_codes, unpack_codes  # noqa: E402
 from .budget import allocate  # noqa: E402
 from .codec import decode, encode, load_numpy  # noqa: E402
@@ -20,6 +20,7 @@ __all__ = [
     "load",
     "inspect",
     "open",
+    "load_into",
     "allocate",
     "encode",
     "decode",

@@ -107,6 +107,39 @@ def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load a .qpk file into ``model`` (onto the device of its parameters).
+
+    With ``strict`` every name must match in both directions and every shape must agree;
+    otherwise a :class:`qpack.QpackError` lists the missing, unexpected and mismatched names
+    (instead of torch's long error text).
+    """
+    expected = model.state_dict()
+    device = next((t.device for t in expected.values()), "cpu")
+    state = load(path, device=device)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''} ({len(names)})"
+        for what, names in (
+            ("missing from the file", missing),
+            ("not in the model", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if names
+    ]
+    if mismatched or (strict and problems):
+        raise E.QpackError(
+            f"does not fit {type(model).__name__}: " + "; ".join(problems), path=path
+        )
+    model.load_state_dict(state, strict=strict)
+
+
 class QpackFile:
     """Lazy access to a .qpk file, like safetensors' ``safe_open``: the header is read and
     validated when opened; :meth:`get` reads, checks and decodes only that tensor's bytes."""

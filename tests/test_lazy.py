@@ -70,3 +70,30 @@ def test_get_checks_that_tensor(saved):
             f.get("count")
     with pytest.raises(qpack.QpackError):
         qpack.load(path)
+
+
+def test_load_into_fits_or_explains(tmp_path):
+    from qpack.unet import UNet
+
+    torch.manual_seed(1)
+    model = UNet()
+    path = tmp_path / "unet.qpk"
+    qpack.save(model.state_dict(), path, bits=8)
+    fresh = UNet()
+    qpack.load_into(fresh, path)
+    w = "decoder_list.2.conv_block.conv_stage.0.conv.weight"
+    assert torch.allclose(fresh.state_dict()[w], model.state_dict()[w], atol=0.01)
+
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with pytest.raises(qpack.QpackError) as info:
+        qpack.load_into(other, path)
+    text = str(info.value)
+    assert "missing from the file: 0.weight, 0.bias (2)" in text
+    assert "not in the model:" in text and "(20)" in text and str(path) in text
+
+    state = model.state_dict()
+    state["refinement_stage.conv_stage.0.conv.bias"] = torch.zeros(2)
+    bad = tmp_path / "bad.qpk"
+    qpack.save(state, bad)
+    with pytest.raises(qpack.QpackError, match=r"shape mismatch: refinement_stage.* \[2\]"):
+        qpack.load_into(UNet(), bad, strict=False)  # a shape mismatch never loads
