@@ -60,6 +60,12 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
+def qpack_metadata(path) -> dict[str, str]:
+    """The string metadata of a .qpk file (header only)."""
+    with Reader(path) as reader:
+        return reader.metadata
+
+
 def _first_sentence(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     head, dot, _ = text.partition(". ")
@@ -110,7 +116,8 @@ def _looks_like_torch_file(path: str) -> bool:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
-    """Read a ``.pt`` file safely (``weights_only=True``) and return its state_dict.
+    """Read a ``.pt`` file safely (``weights_only=True``), or a ``.safetensors`` file, and
+    return its state_dict.
 
     Accepts a plain state_dict or a dict wrapping one under ``"state_dict"`` or ``"model"``;
     returns ``(state_dict, wrapper_key_or_None)``. Raises :class:`CheckpointError` (a
@@ -122,6 +129,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], str | None
     name = os.fspath(path)
     if os.path.isdir(name):
         raise CheckpointError("is a directory, not a checkpoint file", path=name)
+    if name.endswith(".safetensors"):
+        return _read_safetensors(name), None
     try:
         with warnings.catch_warnings():  # e.g. about the pickle protocol: errors only
             warnings.simplefilter("ignore")
@@ -252,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         "integer buffers are stored exactly. A dict wrapping the state_dict under "
         "'state_dict' or 'model' is accepted.",
     )
-    p.add_argument("input", metavar="IN", help="input checkpoint (.pt)")
+    p.add_argument("input", metavar="IN", help="input checkpoint (.pt or .safetensors)")
     p.add_argument("-o", "--output", metavar="OUT", required=True, help="output .qpk file")
     p.add_argument(
         "--bits", type=_bits_arg, default=8, metavar="{1..8}", help="bits per weight (default 8)"
@@ -304,12 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "unpack",
-        help="decode a .qpk file back to a float PyTorch state_dict (.pt)",
+        help="decode a .qpk file back to a float state_dict (.pt or .safetensors)",
         description="Decode every tensor of a .qpk file and write the state_dict with "
-        "torch.save (atomically).",
+        "torch.save, or as .safetensors when OUT ends so (atomically).",
     )
     p.add_argument("input", metavar="IN", help="input .qpk file")
-    p.add_argument("-o", "--output", metavar="OUT", required=True, help="output .pt file")
+    p.add_argument(
+        "-o", "--output", metavar="OUT", required=True, help="output .pt or .safetensors file"
+    )
     p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser(
@@ -499,15 +510,47 @@ def _read_calibration(path: str):
     return inputs
 
 
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise E.QpackError(
+            "reading or writing .safetensors needs the safetensors package "
+            "(pip install 'qpack[safetensors]')"
+        ) from None
+    return safetensors.torch
+
+
+def _read_safetensors(name: str) -> dict[str, Any]:
+    """A .safetensors file's tensors (safetensors never runs code either)."""
+    st = _safetensors()
+    try:
+        with open(name, "rb") as f:
+            state = st.load(f.read())
+    except OSError as exc:
+        raise CheckpointError(f"cannot open ({exc.strerror or exc})", path=name) from None
+    except Exception as exc:  # SafetensorError and friends, for a bad file
+        raise CheckpointError(
+            f"not a readable safetensors file ({_first_line(str(exc))})", path=name
+        ) from None
+    if not state:
+        raise CheckpointError("not a checkpoint: a safetensors file without tensors", path=name)
+    return state
+
+
 def cmd_unpack(args: argparse.Namespace) -> int:
     import torch
 
     from .api import load
 
     state = load(args.input)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(args.output, [buffer.getbuffer()])
+    if str(args.output).endswith(".safetensors"):
+        data = _safetensors().save(state, metadata=qpack_metadata(args.input))
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getbuffer()
+    write_atomic(args.output, [data])
     params = sum(t.numel() for t in state.values())
     print(
         f"unpacked {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "

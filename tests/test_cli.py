@@ -670,3 +670,27 @@ def test_pack_budget_errors(tmp_path, files, capsys, extra):
     assert err.strip().splitlines()[-1].startswith("qpack: error: ")
     assert status == (1 if extra[:2] == ["--max-size", "12"] else 2), err
     assert not (tmp_path / "o.qpk").exists()
+
+
+def test_safetensors_in_and_out(tmp_path, capsys):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(3)
+    state = {"conv.weight": torch.randn(8, 4, 3, 3), "conv.bias": torch.randn(8)}
+    src = tmp_path / "model.safetensors"
+    st.save_file(state, str(src))
+    packed = tmp_path / "m.qpk"
+    status, _, err = call(capsys, "pack", src, "-o", packed, "--bits", "8", "--uniform")
+    assert status == 0, err
+    out = tmp_path / "back.safetensors"
+    status, _, err = call(capsys, "unpack", packed, "-o", out)
+    assert status == 0, err
+    back = st.load_file(str(out))
+    expected = qpack.load(packed)
+    assert list(back) == list(expected)
+    assert all(torch.equal(back[k], expected[k]) for k in back)
+    assert torch.equal(back["conv.bias"], state["conv.bias"])  # biases stay exact
+    garbage = tmp_path / "bad.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    status, _, err = call(capsys, "pack", garbage, "-o", tmp_path / "x.qpk")
+    assert status == 1 and "bad.safetensors" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.qpk").exists()
