@@ -686,7 +686,7 @@ def test_safetensors_in_and_out(tmp_path, capsys):
     assert status == 0, err
     back = st.load_file(str(out))
     expected = qpack.load(packed)
-    assert list(back) == list(expected)
+    assert set(back) == set(expected)  # safetensors keeps no order
     assert all(torch.equal(back[k], expected[k]) for k in back)
     assert torch.equal(back["conv.bias"], state["conv.bias"])  # biases stay exact
     garbage = tmp_path / "bad.safetensors"
