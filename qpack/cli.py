@@ -535,7 +535,19 @@ def _read_safetensors(name: str) -> dict[str, Any]:
         ) from None
     if not state:
         raise CheckpointError("not a checkpoint: a safetensors file without tensors", path=name)
-    return state
+    return {key: state[key] for key in _safetensors_order(name, state)}
+
+
+def _safetensors_order(name: str, state: Mapping[str, Any]) -> list[str]:
+    """Tensor names in the order of their bytes in the file: a loaded dict's order is not
+    stable, and qpack's output must be (same input, same bytes)."""
+    import json
+    import struct
+
+    with open(name, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return sorted(state, key=lambda k: (header[k]["data_offsets"][0], k))
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:

@@ -694,3 +694,23 @@ def test_safetensors_in_and_out(tmp_path, capsys):
     status, _, err = call(capsys, "pack", garbage, "-o", tmp_path / "x.qpk")
     assert status == 1 and "bad.safetensors" in err and err.count("\n") == 1
     assert not (tmp_path / "x.qpk").exists()
+
+
+def test_safetensors_input_packs_deterministically(tmp_path, capsys):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(4)
+    state = {f"layer{i}.weight": torch.randn(4, 4) for i in range(12)}
+    src = tmp_path / "model.safetensors"
+    st.save_file(state, str(src))
+    blobs = set()
+    for i in range(3):
+        env = dict(os.environ, PYTHONHASHSEED=str(i))
+        out = tmp_path / f"m{i}.qpk"
+        subprocess.run(
+            [sys.executable, "-m", "qpack", "pack", str(src), "-o", str(out), "--uniform"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        blobs.add(out.read_bytes())
+    assert len(blobs) == 1
