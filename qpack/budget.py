@@ -1,15 +1,15 @@
 """Choosing bits per tensor: the smallest file at a quality, or the best quality in a size.
 
-This is writer-side policy, not part of the format: it returns a ``bits`` mapping for
-:func:`qpack.save`. Each quantizable tensor gets a width from a grid of whole and half bits
-(fractional widths mean ``round(2**bits)`` levels, which Huffman coding stores in about
-``log2(levels)`` bits per weight). For every tensor and width it measures the exact encoded
-size and the distortion that quantizing *only that tensor* causes, then picks one width per
-tensor by Lagrangian optimization (minimize size + lambda * distortion, lambda bisected),
-treating distortions as additive, and finally checks the whole choice jointly. To keep
-model evaluations few, a tensor's distortion at width b is modelled as its exact squared
-weight error at b times its sensitivity, measured with the model at three anchor widths;
-the final choice is then checked (and corrected) with a few joint evaluations.
+This is writer-side policy, not part of the format: it returns ``bits`` and ``scheme``
+mappings for :func:`qpack.save`. Each quantizable tensor gets a width from a grid of whole
+and half bits (fractional widths mean ``round(2**bits)`` levels, which Huffman coding stores
+in about ``log2(levels)`` bits per weight) and a grid, one step per tensor or per channel.
+For every tensor and option it measures the exact encoded size and the distortion that
+quantizing *only that tensor* causes, and builds the Lagrangian path of
+(size + lambda * distortion) optima over all tensors, treating distortions as additive. To
+keep model evaluations few, a tensor's distortion is modelled as its exact squared weight
+error times its sensitivity, measured with the model at three anchor widths; the final
+choice is then checked (and corrected) with a few joint evaluations.
 
 Distortion comes from ``evaluate``: a callable that takes ``{name: dequantized array}`` for
 some tensors (the others keep their float values) and returns a number that adds up across
