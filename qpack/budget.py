@@ -172,23 +172,24 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     per-channel grid) and interpolated log-linearly in between."""
     name, array, dtype = target
     reference = (bf16_to_f32(array) if dtype == "bfloat16" else array).astype(np.float64)
-    sizes, errors, decoded = [], [], {}
+    schemes = {s for _, s in options}
+    anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
+    anchors = {(b, anchor_scheme) for b in ANCHORS}
+    sizes, errors, decoded = [], [], {}  # decoded: only what the evaluator will need
     for option in options:
         entry, codes = quantize_tensor(name, array, dtype, *option, True)
         overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
         sizes.append(entry.length + overhead)
         values = decode_codes_values(entry, codes)
         errors.append(float(((values - reference) ** 2).sum()))
-        decoded[option] = values
+        if evaluate is not None and option in anchors:
+            decoded[option] = values
     errors = np.maximum(np.array(errors), 1e-30)
     widths = np.array([b for b, _ in options])
     if evaluate is None:
         energy = float((reference**2).mean()) or 1.0
         sensitivity = np.full(len(options), 1.0 / (energy * max(reference.size, 1)))
     else:
-        anchor_scheme = (
-            REFERENCE_SCHEME if (ANCHORS[0], REFERENCE_SCHEME) in decoded else (options[0][1])
-        )
         measured = [
             max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30)
             / errors[options.index((b, anchor_scheme))]

@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect",
         help="show a .qpk file's tensors, sizes and compression ratio",
-        description="Print a per-tensor table (from the header only) and totals: tensors, "
+        description="Print a per-tensor table (with bits per weight and each quantized tensor's "
+        "entropy bound, for which the codes are read and checked) and totals: tensors, "
         "parameters, file size, float32 size (4 bytes per parameter) and compression ratio.",
     )
     p.add_argument("input", metavar="IN", help="input .qpk file")

@@ -19,6 +19,7 @@ import qpack
 from qpack import errors as E
 from qpack.bitpack import packed_size
 from qpack.codec import Reader
+from qpack.container import TENSOR_KEYS
 
 SYM = "symmetric-per-layer"
 ASYM = "asymmetric-per-channel"
@@ -633,21 +634,7 @@ hostile_values = st.one_of(
     st.lists(st.integers(0, 6), max_size=3),
     st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
 )
-KEYS = [
-    "name",
-    "shape",
-    "dtype",
-    "storage",
-    "offset",
-    "length",
-    "crc32",
-    "bits",
-    "dequant",
-    "granularity",
-    "scale",
-    "zero_point",
-    "scheme",
-]
+KEYS = list(TENSOR_KEYS)  # every key a tensor entry may carry
 mutations = st.lists(
     st.tuples(
         st.sampled_from(["top", 0, 1, 2]),
