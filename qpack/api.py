@@ -22,8 +22,7 @@ from .codec import (
     SchemeOption,
     describe,
     dtype_name,
-    encode_chunks,
-    write_atomic,
+    write_file,
 )
 from .schemes import DEFAULT_SCHEME
 
@@ -69,16 +68,21 @@ def save(
     not in the mapping follow the rule above at 8 bits. ``scheme`` may likewise map names
     to schemes (others use the default). With ``entropy`` the codes of each
     tensor are Huffman-coded where that is smaller than fixed-width packing (lossless; the
-    decoded weights are identical). The file is written atomically.
+    decoded weights are identical). The file is written atomically, tensor by tensor:
+    memory holds the state_dict plus a few encoded tensors.
     """
+    _save(state_dict, path, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
+
+
+def _save(state_dict, path, *, progress=None, **options) -> None:
+    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded."""
     if not isinstance(state_dict, Mapping):
         raise E.EncodeError(
             f"expected a mapping of names to tensors, got {type(state_dict).__name__}", path=path
         )
     try:
         items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
-        chunks = encode_chunks(items, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
-        write_atomic(path, chunks)
+        write_file(path, items, progress=progress, **options)
     except E.QpackError as exc:
         if exc.path is None:
             raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None
@@ -89,11 +93,32 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict
     """Read a .qpk file into a state_dict with the original names, order, shapes and dtypes.
 
     Quantized tensors are dequantized to float32 exactly as the spec says, then cast to their
-    original floating dtype. Raises a :class:`qpack.QpackError` subclass for any bad file.
-    Every checksum, padding bit and alignment byte of the file is checked.
+    original floating dtype. With a ``device`` other than the CPU (e.g. ``"cuda"``), the
+    packed bytes are moved there and decoded by torch ops on the device, bit-identical to
+    the CPU decoder. Raises a :class:`qpack.QpackError` subclass for any bad file. Every
+    checksum, padding bit and alignment byte of the file is checked.
     """
+    return _load(path, device)
+
+
+def _load(path, device="cpu", progress=None) -> dict[str, torch.Tensor]:
+    """:func:`load`, reporting each tensor's element count to ``progress`` when decoded."""
+    state = {}
     with Reader(path) as reader:
-        return {entry.name: _tensor(entry, array, device) for entry, array in reader.arrays()}
+        if _on_cpu(device):
+            decoded = ((e, _tensor(e, array, device)) for e, array in reader.arrays())
+        else:
+            from .device import decode_on_device
+
+            decoded = (
+                (e, decode_on_device(e, payload, device, path=reader.path))
+                for e, payload in reader.payloads()
+            )
+        for entry, tensor in decoded:
+            state[entry.name] = tensor
+            if progress is not None:
+                progress(entry.numel)
+    return state
 
 
 def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
@@ -105,6 +130,10 @@ def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
     else:
         tensor = torch.from_numpy(array).to(getattr(torch, entry.dtype))
     return tensor.to(device)
+
+
+def _on_cpu(device) -> bool:
+    return str(device).split(":")[0] == "cpu"
 
 
 def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
@@ -157,8 +186,15 @@ class QpackFile:
         return self._reader.metadata
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, decoded and in its original dtype; KeyError for an unknown name."""
-        return _tensor(self._reader.entry(name), self._reader.array(name), self._device)
+        """One tensor, decoded (on the device given to :func:`open`) and in its original
+        dtype; KeyError for an unknown name."""
+        entry = self._reader.entry(name)
+        if _on_cpu(self._device):
+            return _tensor(entry, self._reader.array(name), self._device)
+        from .device import decode_on_device
+
+        payload = self._reader.payload(entry)
+        return decode_on_device(entry, payload, self._device, path=self._reader.path)
 
     def close(self) -> None:
         self._reader.close()

@@ -13,12 +13,13 @@ quickly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -398,8 +399,25 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
+# Progress bars appear on a terminal for models at least this large (parameters).
+PROGRESS_MIN_PARAMS = 5_000_000
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], object] | None]:
+    """A tqdm bar on stderr counting parameters, when stderr is a terminal and the model is
+    large; yields its ``update`` (or None)."""
+    if total < PROGRESS_MIN_PARAMS or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, unit="param", unit_scale=True, leave=False) as bar:
+        yield bar.update
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
-    from .api import save
+    from .api import _save
 
     state, wrapper = read_checkpoint(args.input)
     metadata = {"source": Path(args.input).name}
@@ -412,10 +430,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
         if exc.path is not None:
             raise
         raise type(exc)(exc.reason, path=args.input, tensor=exc.tensor) from None
-    save(state, args.output, entropy=args.entropy, metadata=metadata, **options)
+    params = sum(_numel(v.shape) for v in state.values() if _is_tensor(v))
+    with progress_bar(params, "packing") as progress:
+        _save(state, args.output, entropy=args.entropy, metadata=metadata, progress=progress,
+              **options)
 
     size = os.path.getsize(args.output)
-    params = sum(_numel(v.shape) for v in state.values() if _is_tensor(v))
     float32_bytes = 4 * params
     ratio = float32_bytes / size if size else 0.0
     print(
@@ -554,9 +574,12 @@ def _safetensors_order(name: str, state: Mapping[str, Any]) -> list[str]:
 def cmd_unpack(args: argparse.Namespace) -> int:
     import torch
 
-    from .api import load
+    from .api import _load
 
-    state = load(args.input)
+    with Reader(args.input) as reader:
+        params = sum(entry.numel for entry in reader.header.tensors)
+    with progress_bar(params, "unpacking") as progress:
+        state = _load(args.input, progress=progress)
     if str(args.output).endswith(".safetensors"):
         data = _safetensors().save(state, metadata=qpack_metadata(args.input))
     else:
@@ -564,7 +587,6 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         torch.save(state, buffer)
         data = buffer.getbuffer()
     write_atomic(args.output, [data])
-    params = sum(t.numel() for t in state.values())
     print(
         f"unpacked {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "
         f"{os.path.getsize(args.output):,} bytes"

@@ -12,8 +12,11 @@ import contextlib
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,11 +46,20 @@ from .entropy import (
 from .schemes import (
     DEFAULT_SCHEME,
     SCHEMES,
-    apply_table,
-    dequantize_table,
+    decodes_finite,
+    dequantize,
     levels_for,
     quantize,
 )
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
 
 BitsOption = float | Mapping[str, "float | None"]
 SchemeOption = str | Mapping[str, str]
@@ -66,6 +78,7 @@ NUMPY_DTYPES = {
     "bool": "?",
 }
 DEFAULT_BITS = 8
+SPOOL_CHUNK = 1 << 24  # bytes copied at a time from the spool file to the output
 # Huffman-code the quantized codes where that is smaller (it never makes a file larger).
 DEFAULT_ENTROPY = True
 
@@ -170,7 +183,11 @@ def quantize_tensor(
         q = quantize(values, bits, scheme)
     except ValueError as exc:  # e.g. fractional bits for the origin's symmetric quantizer
         raise E.EncodeError(str(exc), tensor=name) from None
-    if not np.isfinite(dequantize_table(q.bits, q.scale, q.zero_point)).all():
+    if q.granularity == "channel" and array.ndim == 0:
+        raise E.EncodeError(
+            f"{scheme} needs at least one dimension; use a per-layer scheme", tensor=name
+        )
+    if not decodes_finite(q.bits, q.scale, q.zero_point):
         raise E.EncodeError(
             f"values near the float32 limit (max |w| = {np.abs(values).max():.3g}) overflow "
             f"when quantized to {bits} bits; keep this tensor raw",
@@ -200,22 +217,21 @@ def quantize_tensor(
     return entry, q.codes
 
 
-def decode_codes_values(entry: TensorEntry, codes: np.ndarray) -> np.ndarray:
-    """The float32 values that codes decode to (spec section 6.1), in the tensor's shape."""
-    table = dequantize_table(entry.bits, entry.scale, entry.zero_point)
-    return apply_table(table, codes).reshape(entry.shape)
+def decode_codes_values(
+    entry: TensorEntry, codes: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The float32 values that codes decode to (spec section 6.1), in the tensor's shape
+    (written into ``out``, a flat float32 array of ``numel`` elements, when given)."""
+    return dequantize(codes, entry.scale, entry.zero_point, out).reshape(entry.shape)
 
 
-def encode_chunks(
-    items: Iterable[tuple[str, np.ndarray, str]],
-    *,
-    bits: BitsOption = DEFAULT_BITS,
-    scheme: SchemeOption = DEFAULT_SCHEME,
-    entropy: bool = DEFAULT_ENTROPY,
-    metadata: Mapping[str, str] | None = None,
-) -> Iterator[bytes | np.ndarray]:
-    """Encode ``(name, array, dtype)`` items; returns the file's bytes as chunks in order."""
-    items = list(items)
+def _prepare(
+    items: list[tuple[str, np.ndarray, str]],
+    bits: BitsOption,
+    scheme: SchemeOption,
+    metadata: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """Check names and options before anything is encoded; returns the header metadata."""
     names = [name for name, _, _ in items]
     if len(set(names)) != len(names):
         raise E.EncodeError("duplicate tensor names")
@@ -228,24 +244,105 @@ def encode_chunks(
         if type(key) is not str or type(value) is not str:
             raise E.EncodeError(f"metadata must map strings to strings ({key!r}: {value!r})")
         meta[key] = value
-    encoded = [
-        encode_tensor(
-            name,
-            array,
-            dtype,
-            _bits_for(name, array, dtype, bits),
-            _scheme_for(name, scheme),
-            entropy,
-        )
-        for name, array, dtype in items
-    ]
-    return serialize(encoded, meta)
+    return meta
+
+
+def _encoded(
+    items: list[tuple[str, np.ndarray, str]],
+    bits: BitsOption,
+    scheme: SchemeOption,
+    entropy: bool,
+    workers: int | None = None,
+) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    """Encode the items on worker threads, yielding (entry, payload) in order."""
+
+    def one(item: tuple[str, np.ndarray, str]) -> tuple[TensorEntry, np.ndarray]:
+        name, array, dtype = item
+        chosen = _bits_for(name, array, dtype, bits)
+        return encode_tensor(name, array, dtype, chosen, _scheme_for(name, scheme), entropy)
+
+    return ordered_map(one, items, workers)
+
+
+def ordered_map(fn, items: Iterable, workers: int | None = None) -> Iterator:
+    """``map(fn, items)`` on ``workers`` threads (default: one per CPU), a few items ahead
+    of the consumer, in order. numpy, zlib and file I/O release the GIL, so tensors are
+    coded in parallel; an exception surfaces at its item, as in a sequential loop. At most
+    ``2 * workers + 1`` results are held at a time."""
+    workers = workers or cpu_count()
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def encode_chunks(
+    items: Iterable[tuple[str, np.ndarray, str]],
+    *,
+    bits: BitsOption = DEFAULT_BITS,
+    scheme: SchemeOption = DEFAULT_SCHEME,
+    entropy: bool = DEFAULT_ENTROPY,
+    metadata: Mapping[str, str] | None = None,
+) -> Iterator[bytes | np.ndarray]:
+    """Encode ``(name, array, dtype)`` items in memory; returns the file's bytes as chunks
+    in order."""
+    items = list(items)
+    meta = _prepare(items, bits, scheme, metadata)
+    return serialize(list(_encoded(items, bits, scheme, entropy)), meta)
+
+
+def write_file(
+    path: str | os.PathLike,
+    items: Iterable[tuple[str, np.ndarray, str]],
+    *,
+    bits: BitsOption = DEFAULT_BITS,
+    scheme: SchemeOption = DEFAULT_SCHEME,
+    entropy: bool = DEFAULT_ENTROPY,
+    metadata: Mapping[str, str] | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Encode ``(name, array, dtype)`` items to ``path``, atomically and streaming.
+
+    The header comes first in the file but is known last, so each payload goes to a
+    temporary spool file as soon as it is encoded and is dropped from memory; memory holds
+    the inputs plus a few encoded tensors (see :func:`ordered_map`). ``progress`` is called
+    with each tensor's element count once it is encoded."""
+    items = list(items)
+    meta = _prepare(items, bits, scheme, metadata)
+    write_atomic(path, _spooled(Path(path).parent, items, bits, scheme, entropy, meta,
+                                workers, progress))
+
+
+def _spooled(folder, items, bits, scheme, entropy, meta, workers, progress):
+    with tempfile.TemporaryFile(dir=folder) as spool:
+        entries = []
+        for entry, payload in _encoded(items, bits, scheme, entropy, workers):
+            spool.write(payload)
+            entries.append(entry)
+            if progress is not None:
+                progress(entry.numel)
+        yield from serialize([(entry, None) for entry in entries], meta, spool)
 
 
 def serialize(
-    encoded: list[tuple[TensorEntry, np.ndarray | bytes]], metadata: Mapping[str, str]
+    encoded: list[tuple[TensorEntry, np.ndarray | bytes | None]],
+    metadata: Mapping[str, str],
+    spool: BinaryIO | None = None,
 ) -> Iterator[bytes | np.ndarray]:
-    """Lay out encoded tensors canonically; yields the header, padding and payloads in order."""
+    """Lay out encoded tensors canonically; yields the header, padding and payloads in
+    order. A payload of None is read from ``spool``, where the payloads lie back to back."""
     entries = [entry for entry, _ in encoded]
     data_size = layout(entries)
     head = build_header(entries, dict(metadata), data_size)
@@ -253,11 +350,17 @@ def serialize(
     data_start = align(len(head))
     yield bytes(data_start - len(head))
     position = data_start
+    if spool is not None:
+        spool.seek(0)
     for entry, payload in encoded:
         start = data_start + entry.offset
         if start > position:
             yield bytes(start - position)
-        yield payload
+        if payload is None:
+            for done in range(0, entry.length, SPOOL_CHUNK):
+                yield spool.read(min(SPOOL_CHUNK, entry.length - done))
+        else:
+            yield payload
         position = start + entry.length
 
 
@@ -398,16 +501,35 @@ class Reader:
         entry = self.entry(name)
         return decode_payload(entry, self.payload(entry), self.path)
 
-    def arrays(self) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    def arrays(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, np.ndarray]]:
         """Decode every tensor in file order, checking every checksum, padding bit and
-        alignment byte on the way."""
+        alignment byte on the way.
+
+        Tensors are read and decoded by ``workers`` threads (default: one per CPU; numpy,
+        zlib and file reads release the GIL) a few tensors ahead of the consumer, and
+        yielded in order; a bad file raises the error of the first bad tensor in file order,
+        as a sequential reader would."""
+        return self._in_order(self._decode, workers)
+
+    def payloads(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, bytes]]:
+        """Every tensor's checked bytes in file order, with the checks of :meth:`arrays`
+        but no decoding (for decoders elsewhere, such as on a GPU)."""
+        return self._in_order(self._checked, workers)
+
+    def _in_order(self, fn, workers: int | None) -> Iterator[tuple[TensorEntry, object]]:
         header = self.header
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
-        end = 0
-        for entry in header.tensors:
-            self._check_zero(header.data_start + end, header.data_start + entry.offset)
-            yield entry, decode_payload(entry, self.payload(entry), self.path)
-            end = entry.offset + entry.length
+        ends = [0] + [e.offset + e.length for e in header.tensors]
+        jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
+        yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
+
+    def _checked(self, entry: TensorEntry, gap: int) -> bytes:
+        """Check the alignment bytes before a tensor, then read and check its bytes."""
+        self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
+        return self.payload(entry)
+
+    def _decode(self, entry: TensorEntry, gap: int) -> np.ndarray:
+        return decode_payload(entry, self._checked(entry, gap), self.path)
 
     def verify(self) -> None:
         """Check the whole file; raises a QpackError on the first problem."""
@@ -428,7 +550,7 @@ def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
         if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
             raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
         return out.astype(out.dtype.newbyteorder("="))
-    if not np.isfinite(dequantize_table(entry.bits, entry.scale, entry.zero_point)).all():
+    if not decodes_finite(entry.bits, entry.scale, entry.zero_point):
         raise E.HeaderError(
             "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
         )
@@ -445,6 +567,8 @@ def _packed_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
         raise E.DataError(
             "padding bits after the last code are not zero", path=path, tensor=entry.name
         )
+    if entry.bits == 8:  # the bytes are the codes: no copy
+        return np.frombuffer(data, dtype=np.uint8, count=entry.numel)
     return unpack_codes(data, entry.bits, entry.numel)
 
 

@@ -6,17 +6,22 @@ coded with a canonical Huffman code of lengths 1..15 (DEFLATE's assignment: shor
 first, then increasing symbol value), written most-significant bit first into the same
 LSB-first bit stream as fixed-width packing, and zero-padded to a whole byte.
 
-Encoding is vectorized numpy; decoding uses bitarray's C decoder.
+Speed: encoding is vectorized numpy. For decoding, the reference writer leaves exactly one
+codeword of the greatest length unused (:func:`huffman_lengths`); giving that codeword to
+DEFLATE's end-of-block symbol makes the stream the body of a DEFLATE dynamic block, so
+zlib's C inflater decodes it (:func:`deflate_prefix`). Streams from other writers go
+through bitarray's canonical decoder instead; both give the same symbols and errors.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import zlib
 
 import numpy as np
 
-from .bitpack import pack_codes, packed_size, unpack_codes
+from .bitpack import BLOCK, pack_codes, packed_size, unpack_codes
 
 __all__ = [
     "MAX_CODE_LENGTH",
@@ -67,11 +72,14 @@ def ungroup_symbols(symbols: np.ndarray, bits: int, group: int, count: int) -> n
 
 
 def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndarray:
-    """Code length of every symbol (0 for unused ones), at most ``limit`` bits.
+    """Code length of every symbol (0 for unused ones), at most ``limit`` bits, leaving
+    exactly one codeword of the greatest length unused (see the module docstring).
 
     Deterministic: ties are broken by symbol value. A single used symbol gets length 1.
-    Lengths over the limit are avoided by halving the counts (keeping them >= 1) and
-    rebuilding, which costs next to nothing on real data.
+    The tree is built for ``limit - 1`` bits, then the last symbol in canonical order (the
+    largest of the longest) moves one level down, beside the spare codeword. Lengths over
+    the limit are avoided by halving the counts (keeping them >= 1) and rebuilding, which
+    costs next to nothing on real data.
     """
     counts = np.asarray(counts, dtype=np.int64)
     lengths = np.zeros(counts.size, dtype=np.uint8)
@@ -84,8 +92,10 @@ def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndar
     weights = counts[used].copy()
     while True:
         depth = _tree_depths(weights)
-        if depth.max() <= limit:
+        if depth.max() < limit:
             lengths[used] = depth
+            last = np.flatnonzero(lengths == depth.max())[-1]
+            lengths[last] += 1
             return lengths
         weights = (weights + 1) // 2
 
@@ -127,21 +137,120 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
-def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream."""
+def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
+    """Each symbol's canonical codeword with its bits reversed, as uint64: the value whose
+    LSB-first bits are the codeword MSB first, ready to OR into an LSB-first stream."""
     values = canonical_codes(lengths)
-    sym_len = lengths.astype(np.int64)[symbols]
-    if symbols.size and not sym_len.min():
+    reversed_ = np.zeros(lengths.size, dtype=np.uint64)
+    for bit in range(MAX_CODE_LENGTH):
+        has = lengths > bit
+        top = (values >> np.maximum(lengths.astype(np.int64) - 1 - bit, 0)) & 1
+        reversed_[has] |= (top[has] << bit).astype(np.uint64)
+    return reversed_
+
+
+def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream.
+
+    Vectorized, in blocks of :data:`~qpack.bitpack.BLOCK` symbols: codewords are merged
+    four at a time (at most 60 bits, one uint64), each merged run lands at its bit offset
+    in at most two 64-bit words, and runs sharing a word are OR-ed together with
+    ``reduceat`` (offsets only grow, so they are adjacent)."""
+    lengths = np.asarray(lengths)
+    symbols = np.asarray(symbols, dtype=np.uint8).reshape(-1)
+    if symbols.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    counts = np.bincount(symbols, minlength=lengths.size)
+    if counts.size > lengths.size or not lengths[counts[: lengths.size] > 0].all():
         raise ValueError("a symbol to encode has no codeword (code length 0)")
-    sym_code = values[symbols]
-    total = int(sym_len.sum())
-    starts = np.cumsum(sym_len) - sym_len
-    stream = np.zeros(total, dtype=np.uint8)
-    for k in range(int(sym_len.max(initial=0))):
-        has = sym_len > k
-        bit = (sym_code[has] >> (sym_len[has] - 1 - k)) & 1
-        stream[starts[has] + k] = bit
-    return np.packbits(stream, bitorder="little")
+    total = int(counts @ lengths.astype(np.int64))
+    # one lookup per symbol: bit-reversed codeword in the low 16 bits, its length above
+    table = _reversed_codes(lengths) | (lengths.astype(np.uint64) << np.uint64(16))
+    words = np.zeros(total // 64 + 2, dtype="<u8")
+    base = 0
+    for first in range(0, symbols.size, BLOCK):
+        block = symbols[first : first + BLOCK]
+        quads = -(-block.size // 4)
+        entry = np.zeros(quads * 4, dtype=np.uint64)  # padding entries are 0 bits long
+        entry[: block.size] = np.take(table, block.astype(np.intp))
+        entry = entry.reshape(quads, 4)
+        size = entry >> np.uint64(16)
+        code = entry & np.uint64(0xFFFF)
+        run = code[:, 0].copy()
+        shift = size[:, 0].copy()
+        for j in range(1, 4):
+            run |= code[:, j] << shift
+            shift += size[:, j]
+        start = np.cumsum(shift)
+        start -= shift
+        start += np.uint64(base)
+        base += int(shift.sum())
+        word = start >> np.uint64(6)
+        offset = start & np.uint64(63)
+        # Runs landing in the same word hold disjoint bits, so their OR is their sum, and
+        # a word's sum is a difference of prefix sums (exact modulo 2^64).
+        last = np.append(np.flatnonzero(word[1:] != word[:-1]), word.size - 1)
+        where = word[last].astype(np.intp)
+        for part, to in (
+            (run << offset, where),
+            ((run >> np.uint64(1)) >> (np.uint64(63) - offset), where + 1),  # past the word
+        ):
+            sums = np.cumsum(part)[last]
+            sums[1:] -= sums[:-1].copy()
+            words[to] |= sums  # |=: the first and last words are shared with other blocks
+    return words.view(np.uint8)[: -(-total // 8)].copy()
+
+
+def has_spare_codeword(lengths: np.ndarray) -> bool:
+    """Whether exactly one codeword of the greatest length is unused (what
+    :func:`huffman_lengths` writes), so :func:`deflate_prefix` applies."""
+    used = lengths[lengths > 0].astype(np.int64)
+    if used.size == 0:
+        return False
+    longest = int(used.max())
+    kraft = int(np.sum(1 << (longest - used)))  # in units of 2^-longest
+    return kraft == (1 << longest) - 1
+
+
+def _deflate_header() -> bytes:
+    """The fixed part of :func:`deflate_prefix`: 104 bits, exactly 13 bytes."""
+    bits: list[int] = []
+
+    def put(value: int, width: int) -> None:  # header fields go in LSB first
+        bits.extend((value >> i) & 1 for i in range(width))
+
+    for _ in range(3):
+        put(0, 1)  # BFINAL = 0
+        put(1, 2)  # BTYPE = fixed Huffman
+        put(0, 7)  # end of block: code 0000000
+    put(1, 1)  # BFINAL
+    put(2, 2)  # BTYPE = dynamic Huffman
+    put(257 - 257, 5)  # HLIT: 257 literal/length codes
+    put(1 - 1, 5)  # HDIST: 1 distance code
+    put(19 - 4, 4)  # HCLEN: all 19 code-length codes
+    for symbol in (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15):
+        put(4 if symbol < 16 else 0, 3)  # code-length code: 4 bits for each of 0..15
+    return np.packbits(np.array(bits, dtype=np.uint8), bitorder="little").tobytes()
+
+
+_DEFLATE_HEADER = _deflate_header()
+# A code-length codeword is the 4-bit length itself, written MSB first: bit-reversed nibble.
+_NIBBLE_REVERSED = np.array([int(f"{v:04b}"[::-1], 2) for v in range(16)], dtype=np.uint8)
+
+
+def deflate_prefix(lengths: np.ndarray) -> bytes:
+    """Bytes that turn a stream coded with ``lengths`` (which must have a spare codeword)
+    into a raw DEFLATE stream (RFC 1951) of the symbols as literal bytes.
+
+    Three empty fixed-Huffman blocks (10 bits each) bring the total to a whole number of
+    bytes; then the final dynamic block's header declares 257 literal/length codes (the
+    symbols, then end-of-block on the spare codeword, which DEFLATE's canonical order puts
+    last), one unused distance code, and a code-length code of 4 bits for each of 0..15,
+    followed by the 258 code lengths."""
+    table = np.zeros(258, dtype=np.uint8)  # 256 literals, end-of-block, one distance code
+    table[: lengths.size] = lengths
+    table[256] = lengths.max()
+    return _DEFLATE_HEADER + pack_codes(_NIBBLE_REVERSED[table], 4).tobytes()
 
 
 def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.ndarray, int]:
@@ -149,11 +258,30 @@ def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.nda
 
     Raises ValueError when the stream ends early or holds a bit pattern that is no code.
     """
+    if count == 0:
+        return np.zeros(0, dtype=np.uint8), 0
+    if has_spare_codeword(lengths):
+        symbols = _inflate(data, lengths, count)
+    else:
+        symbols = _bitarray_decode(data, lengths, count)
+    used_bits = int(np.bincount(symbols, minlength=lengths.size) @ lengths.astype(np.int64))
+    return symbols, used_bits
+
+
+def _inflate(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
+    try:
+        out = zlib.decompressobj(-15).decompress(deflate_prefix(lengths) + data, count)
+    except zlib.error:  # a pattern that is no codeword
+        raise ValueError("invalid codeword") from None
+    if len(out) < count:  # ran out of bytes, or met the spare codeword (end of block)
+        raise ValueError("stream ended early")
+    return np.frombuffer(out, dtype=np.uint8)
+
+
+def _bitarray_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
     from bitarray import bitarray
     from bitarray.util import canonical_decode
 
-    if count == 0:
-        return np.zeros(0, dtype=np.uint8), 0
     stream = bitarray(endian="little")
     stream.frombytes(bytes(data))
     per_length = [int(np.count_nonzero(lengths == n)) for n in range(MAX_CODE_LENGTH + 1)]
@@ -161,9 +289,7 @@ def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.nda
     # canonical order: by length, then by symbol value
     order = np.lexsort((np.arange(lengths.size), lengths))
     ordered = [int(s) for s in order if lengths[s] > 0]
-    symbols = np.fromiter(canonical_decode(stream, per_length, ordered), np.uint8, count)
-    used_bits = int(lengths.astype(np.int64)[symbols].sum())
-    return symbols, used_bits
+    return np.fromiter(canonical_decode(stream, per_length, ordered), np.uint8, count)
 
 
 def pack_lengths(lengths: np.ndarray) -> bytes:

@@ -12,10 +12,13 @@ header is informational. Quantizing runs in numpy; only decoding must be bit-exa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from .bitpack import BLOCK
 
 __all__ = [
     "SCHEMES",
@@ -26,7 +29,7 @@ __all__ = [
     "code_bits",
     "dequantize",
     "dequantize_table",
-    "apply_table",
+    "decodes_finite",
 ]
 
 Granularity = Literal["tensor", "channel"]
@@ -85,31 +88,67 @@ def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
 
 
 def _rows(w: np.ndarray) -> np.ndarray:
-    """The tensor as (channels along axis 0, everything else), in float64."""
+    """The tensor as (channels along axis 0, everything else); no copy."""
     channels = w.shape[0] if w.ndim else 1
     inner = int(np.prod(w.shape[1:], dtype=np.int64))
-    return w.reshape(channels, inner).astype(np.float64)
+    return w.reshape(channels, inner)
 
 
-def _affine(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, top: int):
-    """Per-row min/max affine grid over [lo, hi] (which holds 0): scale, zero point, codes."""
-    scale = ((hi - lo) / top).astype(np.float32)
-    scale[~(scale > 0)] = np.float32(1)  # constant-zero channel: any scale decodes to 0
-    step = scale.astype(np.float64)[:, None]
-    zero = np.clip(np.round(-lo / step[:, 0]), 0, top)
-    q = np.clip(np.round(rows / step) + zero[:, None], 0, top)
-    return scale, zero, q
+def blocks(rows: int, cols: int, whole_rows: bool = False) -> Iterator[tuple[slice, slice]]:
+    """(row, column) slices cutting a (rows, cols) array into pieces of about BLOCK
+    elements: several rows when rows are short, pieces of a row when they are long (unless
+    ``whole_rows``)."""
+    if cols > BLOCK and not whole_rows:
+        for r in range(rows):
+            for c in range(0, cols, BLOCK):
+                yield slice(r, r + 1), slice(c, c + BLOCK)
+    else:
+        step = max(1, BLOCK // max(cols, 1))
+        for r in range(0, rows, step):
+            yield slice(r, r + step), slice(None)
 
 
 def _range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row [min, max], widened to hold 0, in float64."""
     if rows.shape[1] == 0:
         return np.zeros(rows.shape[0]), np.zeros(rows.shape[0])
-    return np.minimum(rows.min(axis=1), 0.0), np.maximum(rows.max(axis=1), 0.0)
+    lo = np.minimum(rows.min(axis=1), 0).astype(np.float64)
+    return lo, np.maximum(rows.max(axis=1), 0).astype(np.float64)
 
 
-def _pack_result(q, scale, zero, levels, granularity: Granularity = "channel") -> Quantized:
+def _grid(lo: np.ndarray, hi: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row affine grid over [lo, hi] (which holds 0): float32 scale, float64 zero point."""
+    scale = ((hi - lo) / top).astype(np.float32)
+    scale[~(scale > 0)] = np.float32(1)  # constant-zero channel: any scale decodes to 0
+    return scale, np.clip(np.round(-lo / scale.astype(np.float64)), 0, top)
+
+
+def _codes_into(rows, scale, zero, top, out, t=None) -> np.ndarray:
+    """``out = clip(round(w / scale) + zero, 0, top)`` for one block, in float64; returns
+    the float64 codes (``t`` is reused as scratch when given)."""
+    t = np.divide(rows, scale.astype(np.float64)[:, None], out=t)
+    np.rint(t, out=t)
+    np.add(t, zero[:, None], out=t)
+    np.clip(t, 0, top, out=t)
+    out[...] = t
+    return t
+
+
+def _affine(w: np.ndarray, levels: int, granularity: Granularity) -> Quantized:
+    """Min/max affine quantization of float32 ``w`` per row or per tensor, block by block
+    (the tensor is never widened to float64 as a whole)."""
+    rows = _rows(w) if granularity == "channel" else w.reshape(1, -1)
+    top = levels - 1
+    scale, zero = _grid(*_range(rows), top)
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    for r, c in blocks(*rows.shape):
+        _codes_into(rows[r, c], scale[r], zero[r], top, codes[r, c])
+    return _result(codes, scale, zero, levels, granularity)
+
+
+def _result(codes, scale, zero, levels, granularity: Granularity) -> Quantized:
     return Quantized(
-        codes=q.astype(np.uint8).reshape(-1),
+        codes=codes.reshape(-1),
         scale=scale,
         zero_point=zero.astype(np.float32),
         granularity=granularity,
@@ -123,10 +162,7 @@ def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
     Holding 0 keeps the integer zero point inside the code range, so every weight lies
     within half a step of the grid.
     """
-    rows = _rows(w)
-    lo, hi = _range(rows)
-    scale, zero, q = _affine(rows, lo, hi, levels - 1)
-    return _pack_result(q, scale, zero, levels)
+    return _affine(w, levels, "channel")
 
 
 def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
@@ -135,10 +171,7 @@ def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     With entropy coding this is usually the better grid: a uniform step spends bits where
     the weights are, whereas per-channel steps refine wide channels for nothing.
     """
-    rows = _rows(w).reshape(1, -1)
-    lo, hi = _range(rows)
-    scale, zero, q = _affine(rows, lo, hi, levels - 1)
-    return _pack_result(q, scale, zero, levels, "tensor")
+    return _affine(w, levels, "tensor")
 
 
 # Fractions of each channel's [min, max] range tried by the clipping search.
@@ -152,19 +185,25 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
     rows = _rows(w)
     lo, hi = _range(rows)
     top = levels - 1
-    best = None
-    for ratio in CLIP_RATIOS:
-        scale, zero, q = _affine(rows, lo * ratio, hi * ratio, top)
-        err = ((scale.astype(np.float64)[:, None] * (q - zero[:, None]) - rows) ** 2).sum(axis=1)
-        if best is None:
-            best = [err, scale, zero, q]
-            continue
-        better = err < best[0]
-        best[0] = np.where(better, err, best[0])
-        best[1] = np.where(better, scale, best[1])
-        best[2] = np.where(better, zero, best[2])
-        best[3] = np.where(better[:, None], q, best[3])
-    return _pack_result(best[3], best[1].astype(np.float32), best[2], levels)
+    scale = np.empty(rows.shape[0], dtype=np.float32)
+    zero = np.empty(rows.shape[0])
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    for r, _ in blocks(*rows.shape, whole_rows=True):
+        block = rows[r].astype(np.float64)
+        trial = np.empty(block.shape, dtype=np.uint8)
+        best_err = None
+        for ratio in CLIP_RATIOS:
+            s, z = _grid(lo[r] * ratio, hi[r] * ratio, top)
+            q = _codes_into(block, s, z, top, trial)
+            q -= z[:, None]
+            q *= s.astype(np.float64)[:, None]
+            q -= block
+            err = np.einsum("ij,ij->i", q, q)
+            better = slice(None) if best_err is None else err < best_err
+            best_err = err if best_err is None else np.where(better, err, best_err)
+            scale[r][better], zero[r][better] = s[better], z[better]
+            codes[r][better] = trial[better]
+    return _result(codes, scale, zero, levels, "channel")
 
 
 SCHEMES = {
@@ -198,19 +237,39 @@ def dequantize_table(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> np
         return (scale.astype(np.float32)[:, None] * diff).astype(np.float32)
 
 
-def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Look flat codes up in a (groups, 2**bits) table; groups split the codes into equal
-    runs, in order. Returns a flat float32 array."""
-    groups = table.shape[0]
-    if groups == 1:
-        return table[0][codes]
-    per_group = codes.size // groups if groups else 0
-    rows = codes.reshape(groups, per_group)
-    return table[np.arange(groups)[:, None], rows].reshape(-1)
+def decodes_finite(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> bool:
+    """Whether every code decodes to a finite float32 (a hostile file can make the product
+    overflow). Both operations are monotone in the code, so the extreme codes 0 and
+    ``2**bits - 1`` of each group decide: no table of every code is built."""
+    scale = np.asarray(scale, dtype=np.float32)
+    zero = np.asarray(zero_point, dtype=np.float32)
+    ends = np.array([0, (1 << bits) - 1], dtype=np.float32)[None, :]
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = scale[:, None] * (ends - zero[:, None])
+    return bool(np.isfinite(values).all())
 
 
 def dequantize(
-    codes: np.ndarray, bits: int, scale: np.ndarray, zero_point: np.ndarray
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode flat codes to a flat float32 array (spec section 6.1)."""
-    return apply_table(dequantize_table(bits, scale, zero_point), codes)
+    """Decode flat uint8 codes to a flat float32 array (spec section 6.1): the codes split
+    into ``scale.size`` equal runs in order, run ``g`` decoding as
+    ``scale[g] * (float32(q) - zero_point[g])``, two float32 operations in that order (the
+    same values as :func:`dequantize_table`). Works block by block, into ``out`` if given."""
+    groups = scale.size
+    if out is None:
+        out = np.empty(codes.size, dtype=np.float32)
+    if codes.size == 0:
+        return out
+    rows = codes.reshape(groups, -1)
+    dest = out.reshape(groups, -1)
+    scale = scale.astype(np.float32, copy=False).reshape(groups, 1)
+    zero = zero_point.astype(np.float32, copy=False).reshape(groups, 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for r, c in blocks(*rows.shape):
+            np.subtract(rows[r, c], zero[r], out=dest[r, c], dtype=np.float32)
+            np.multiply(dest[r, c], scale[r], out=dest[r, c], dtype=np.float32)
+    return out

@@ -714,3 +714,51 @@ def test_safetensors_input_packs_deterministically(tmp_path, capsys):
         )
         blobs.add(out.read_bytes())
     assert len(blobs) == 1
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def run_on_terminal(*args: str) -> tuple[int, str]:
+    """Run ``python -m qpack ARGS`` with stderr on a pseudo-terminal; (status, stderr)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qpack", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(timeout=TIMEOUT), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_for_large_models(tmp_path):
+    from qpack.cli import PROGRESS_MIN_PARAMS
+
+    rows = -(-PROGRESS_MIN_PARAMS // 4096)
+    big = {"w": torch.randn(rows, 4096) * 0.02, "b": torch.zeros(rows)}
+    torch.save(big, tmp_path / "big.pt")
+    status, err = run_on_terminal("pack", tmp_path / "big.pt", "-o", tmp_path / "big.qpk")
+    assert status == 0, err
+    assert "packing" in err and "param" in err, err
+    status, err = run_on_terminal("unpack", tmp_path / "big.qpk", "-o", tmp_path / "back.pt")
+    assert status == 0, err
+    assert "unpacking" in err, err
+    # without a terminal there is no bar
+    res = run_cli("pack", tmp_path / "big.pt", "-o", tmp_path / "again.qpk")
+    assert res.returncode == 0 and res.stderr == "", res.stderr

@@ -720,3 +720,12 @@ def test_huge_finite_weights_symmetric_are_fine(within_step):
         out = qpack.decode(qpack.encode({"w": w}, bits=bits, scheme=SYM))["w"]
         within_step(w, out, bits, SYM)
     assert math.isfinite(float(np.abs(out).max()))
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric-per-channel", "mse-per-channel"])
+def test_per_channel_scheme_on_a_scalar_is_refused_when_writing(scheme):
+    scalar = {"w": np.array(0.5, dtype=np.float32)}
+    with pytest.raises(E.EncodeError, match="at least one dimension"):
+        qpack.encode(scalar, bits={"w": 4}, scheme=scheme)
+    out = qpack.decode(qpack.encode(scalar, bits={"w": 4}, scheme="asymmetric-per-layer"))
+    assert out["w"].shape == () and abs(float(out["w"]) - 0.5) < 0.05

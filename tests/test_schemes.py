@@ -8,6 +8,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qpack
 from qpack import container
@@ -326,7 +328,7 @@ def test_decoder_applies_the_rule_to_arbitrary_parameters(bits):
     out = qpack.decode(data)["t"]
     assert np.array_equal(u32(out), u32(table[0][codes].reshape(groups, inner)))
     # and the library's own dequantize agrees
-    assert np.array_equal(u32(dequantize(codes, bits, scale[:1], zero[:1])), u32(table[0][codes]))
+    assert np.array_equal(u32(dequantize(codes, scale[:1], zero[:1])), u32(table[0][codes]))
 
 
 def test_scale_and_zero_point_are_little_endian_float32_in_header():
@@ -336,3 +338,24 @@ def test_scale_and_zero_point_are_little_endian_float32_in_header():
     raw = entry.to_header()
     assert raw["scale"] == struct.pack("<2f", *entry.scale)
     assert raw["zero_point"] == struct.pack("<2f", *entry.zero_point)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.lists(
+        st.tuples(
+            st.floats(width=32, allow_nan=False, allow_infinity=False),
+            st.floats(width=32, allow_nan=False, allow_infinity=False),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_overflow_check_of_the_extreme_codes_matches_the_full_table(bits, pairs):
+    from qpack.schemes import decodes_finite
+
+    scale = np.array([p[0] for p in pairs], dtype=np.float32)
+    zero = np.array([p[1] for p in pairs], dtype=np.float32)
+    table = dequantize_table(bits, scale, zero)
+    assert decodes_finite(bits, scale, zero) == bool(np.isfinite(table).all())

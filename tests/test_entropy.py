@@ -1,0 +1,123 @@
+"""Huffman coding kernels (spec section 5.2): lengths, the vectorized encoder, and the two
+decoders (zlib inflate for streams with a spare codeword, bitarray otherwise)."""
+
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qpack import entropy as H
+
+
+def naive_encode(symbols, lengths):
+    """Bit by bit, straight from the spec: codewords MSB first into an LSB-first stream."""
+    codes = H.canonical_codes(lengths)
+    bits = []
+    for s in symbols:
+        n = int(lengths[s])
+        bits.extend((int(codes[s]) >> (n - 1 - i)) & 1 for i in range(n))
+    return np.packbits(np.array(bits, dtype=np.uint8), bitorder="little").tobytes()
+
+
+def kraft_units(lengths):
+    used = lengths[lengths > 0].astype(np.int64)
+    return int(np.sum(1 << (15 - used)))
+
+
+counts_st = st.lists(st.integers(0, 10**6), min_size=2, max_size=256).map(np.array)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts_st)
+def test_lengths_leave_one_spare_codeword_of_the_longest_length(counts):
+    lengths = H.huffman_lengths(counts)
+    assert (lengths[counts == 0] == 0).all()
+    assert (lengths[counts > 0] > 0).all()
+    if counts.any():
+        assert lengths.max() <= H.MAX_CODE_LENGTH
+        assert H.has_spare_codeword(lengths)
+        assert kraft_units(lengths) == (1 << 15) - (1 << (15 - int(lengths.max())))
+
+
+def test_lengths_stay_within_the_limit_for_skewed_counts():
+    counts = np.array([2**i for i in range(40)][:256])  # Fibonacci-like skew needs limiting
+    lengths = H.huffman_lengths(counts)
+    assert lengths.max() == H.MAX_CODE_LENGTH and H.has_spare_codeword(lengths)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_encoder_matches_the_spec_and_both_decoders_invert_it(data):
+    alphabet = data.draw(st.sampled_from([2, 4, 16, 64, 256]))
+    symbols = np.array(
+        data.draw(st.lists(st.integers(0, alphabet - 1), min_size=1, max_size=3000)),
+        dtype=np.uint8,
+    )
+    lengths = H.huffman_lengths(np.bincount(symbols, minlength=alphabet))
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    assert stream == naive_encode(symbols, lengths)
+    for decode in (H._inflate, H._bitarray_decode):
+        assert decode(stream, lengths, symbols.size).tolist() == symbols.tolist()
+    decoded, used = H.decode_symbols(stream, lengths, symbols.size)
+    assert decoded.tolist() == symbols.tolist()
+    assert used == int(lengths[symbols].astype(np.int64).sum())
+
+
+def test_encoder_spans_block_boundaries():
+    rng = np.random.default_rng(5)
+    symbols = np.minimum(rng.geometric(0.3, size=3 * H.BLOCK + 7) - 1, 255).astype(np.uint8)
+    lengths = H.huffman_lengths(np.bincount(symbols, minlength=256))
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    assert stream == naive_encode(symbols, lengths)
+
+
+def test_complete_codes_use_the_bitarray_decoder():
+    lengths = np.array([1, 2, 3, 3], dtype=np.uint8)  # the spec's worked example
+    assert not H.has_spare_codeword(lengths)
+    symbols = np.array([0, 0, 1, 2, 0, 3], dtype=np.uint8)
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    assert stream == bytes([0x34, 0x07])
+    assert H.decode_symbols(stream, lengths, 6)[0].tolist() == symbols.tolist()
+
+
+def test_prefix_makes_a_raw_deflate_stream():
+    lengths = np.array([1, 2, 3, 4], dtype=np.uint8)
+    assert H.has_spare_codeword(lengths)  # 1/2 + 1/4 + 1/8 + 1/16 = 1 - 1/16
+    prefix = H.deflate_prefix(lengths)
+    assert len(prefix) == 142
+    symbols = np.array([3, 0, 0, 3, 1, 2, 0], dtype=np.uint8)
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    # end-of-block is the spare codeword 1111 (MSB first): append it and inflate to the end
+    bits = sum(int(lengths[s]) for s in symbols)
+    tail = int.from_bytes(stream, "little") | (0b1111 << bits)
+    whole = tail.to_bytes(-(-(bits + 4) // 8), "little")
+    out = zlib.decompress(prefix + whole, -15)
+    assert out == symbols.tobytes()
+
+
+@pytest.mark.parametrize("decode", [H._inflate, H._bitarray_decode])
+def test_decoders_reject_short_streams(decode):
+    lengths = np.array([1, 2, 3, 4], dtype=np.uint8)
+    symbols = np.array([3, 3, 2, 1] * 10, dtype=np.uint8)
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    with pytest.raises(ValueError):
+        decode(stream[:-2], lengths, symbols.size)
+
+
+def test_spare_codeword_in_the_stream_is_an_error():
+    lengths = np.array([1, 2, 3, 4], dtype=np.uint8)
+    stream = bytes([0xFF, 0xFF])  # 1111 is the spare codeword
+    with pytest.raises(ValueError):
+        H.decode_symbols(stream, lengths, 3)
+    incomplete = np.array([2, 2, 2, 0], dtype=np.uint8)  # 11 is free: fallback decoder
+    assert not H.has_spare_codeword(np.array([2, 2, 0, 0], dtype=np.uint8))
+    with pytest.raises(ValueError):
+        H.decode_symbols(bytes([0xFF]), np.array([2, 2, 0, 0], dtype=np.uint8), 2)
+    assert H.has_spare_codeword(incomplete)
+
+
+def test_encoding_a_symbol_without_codeword_fails():
+    with pytest.raises(ValueError, match="no codeword"):
+        H.encode_symbols(np.array([0, 3], dtype=np.uint8), np.array([1, 1, 0, 0]))
