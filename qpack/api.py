@@ -106,7 +106,7 @@ def _load(path, device="cpu", progress=None) -> dict[str, torch.Tensor]:
     state = {}
     with Reader(path) as reader:
         if _on_cpu(device):
-            decoded = ((e, _tensor(e, array, device)) for e, array in reader.arrays())
+            decoded = _decode_into_torch(reader)
         else:
             from .device import decode_on_device
 
@@ -121,6 +121,33 @@ def _load(path, device="cpu", progress=None) -> dict[str, torch.Tensor]:
     return state
 
 
+def _decode_into_torch(reader: Reader):
+    """(entry, tensor) in file order, each decoded straight into a tensor torch allocated
+    (its allocator reuses memory where numpy's would page-fault it in afresh)."""
+    import torch
+
+    made = {}
+
+    def alloc(entry) -> np.ndarray:
+        quantized = entry.storage != "raw"
+        tensor = torch.empty(entry.numel, dtype=torch.float32 if quantized else _dtype(entry))
+        made[entry.name] = tensor
+        if entry.dtype == "bfloat16" and not quantized:
+            return tensor.view(torch.int16).numpy().view(np.uint16)
+        return tensor.numpy()
+
+    from .device import dequantize_cpu
+
+    for entry, _ in reader.arrays(alloc=alloc, dequant=dequantize_cpu):
+        yield entry, made.pop(entry.name).reshape(entry.shape).to(_dtype(entry))
+
+
+def _dtype(entry) -> torch.dtype:
+    import torch
+
+    return getattr(torch, entry.dtype)
+
+
 def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
     """The torch tensor of a decoded array, in the tensor's original dtype."""
     import torch
@@ -128,7 +155,7 @@ def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
     if entry.storage == "raw" and entry.dtype == "bfloat16":
         tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     else:
-        tensor = torch.from_numpy(array).to(getattr(torch, entry.dtype))
+        tensor = torch.from_numpy(array).to(_dtype(entry))
     return tensor.to(device)
 
 

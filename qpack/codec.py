@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import zlib
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +22,7 @@ import numpy as np
 
 from . import __version__
 from . import errors as E
+from ._zlib import crc32
 from .bitpack import pack_codes, packed_size, padding_is_zero, unpack_codes
 from .container import (
     DTYPE_SIZES,
@@ -40,7 +41,6 @@ from .entropy import (
     decode_symbols,
     encode_symbols,
     entropy_bits,
-    group_codes,
     ungroup_symbols,
 )
 from .schemes import (
@@ -61,6 +61,7 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+Dequantizer = Callable[[TensorEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
 BitsOption = float | Mapping[str, "float | None"]
 SchemeOption = str | Mapping[str, str]
 
@@ -78,7 +79,8 @@ NUMPY_DTYPES = {
     "bool": "?",
 }
 DEFAULT_BITS = 8
-SPOOL_CHUNK = 1 << 24  # bytes copied at a time from the spool file to the output
+SPARSE_MIN = 1 << 20  # smallest all-zero chunk left as a hole
+CHUNK = 1 << 24  # bytes written at a time; an all-zero chunk becomes a hole (sparse file)
 # Huffman-code the quantized codes where that is smaller (it never makes a file larger).
 DEFAULT_ENTROPY = True
 
@@ -154,15 +156,15 @@ def encode_tensor(
         payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
         payload = payload.view(np.uint8)
         shape = tuple(int(d) for d in array.shape)
-        entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, zlib.crc32(payload))
+        entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, crc32(payload))
         return entry, payload
-    entry, codes = quantize_tensor(name, array, dtype, bits, scheme, entropy)
+    entry, codes, symbols = _quantize(name, array, dtype, bits, scheme, entropy)
     if entry.storage == "huffman":
-        payload = encode_symbols(group_codes(codes, entry.bits, entry.group), entry.code_lengths)
+        payload = encode_symbols(symbols, entry.code_lengths)
     else:
         payload = pack_codes(codes, entry.bits)
     assert payload.size == entry.length
-    entry.crc32 = zlib.crc32(payload)
+    entry.crc32 = crc32(payload)
     return entry, payload
 
 
@@ -172,6 +174,12 @@ def quantize_tensor(
     """Quantize one floating tensor and choose its storage: the header entry (with its
     length; no CRC or offset yet) and the flat codes. Builds no payload, so it is cheap
     enough to try many settings (see :mod:`qpack.budget`)."""
+    entry, codes, _ = _quantize(name, array, dtype, bits, scheme, entropy)
+    return entry, codes
+
+
+def _quantize(name, array, dtype, bits, scheme, entropy):
+    """:func:`quantize_tensor`, plus the Huffman symbols when Huffman storage is chosen."""
     values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32)
     if not np.isfinite(values).all():
         raise E.EncodeError(
@@ -209,12 +217,13 @@ def quantize_tensor(
         zero_point=q.zero_point,
     )
     if entropy:
-        group, lengths, stream = best_group(q.codes, q.bits)
+        group, lengths, stream, symbols = best_group(q.codes, q.bits)
         # the code length table travels in the header: count it against Huffman
         if stream + packed_size(lengths.size, 4) < entry.length:
             entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
             entry.length = stream
-    return entry, q.codes
+            return entry, q.codes, symbols
+    return entry, q.codes, None
 
 
 def decode_codes_values(
@@ -326,14 +335,19 @@ def write_file(
 
 
 def _spooled(folder, items, bits, scheme, entropy, meta, workers, progress):
+    """The chunks of :func:`write_file`: encoded payloads wait in a spool file; raw ones
+    are views of the caller's arrays, so they are written straight from there."""
     with tempfile.TemporaryFile(dir=folder) as spool:
-        entries = []
+        encoded = []
         for entry, payload in _encoded(items, bits, scheme, entropy, workers):
-            spool.write(payload)
-            entries.append(entry)
+            if entry.storage == "raw":
+                encoded.append((entry, payload))
+            else:
+                spool.write(payload)
+                encoded.append((entry, None))
             if progress is not None:
                 progress(entry.numel)
-        yield from serialize([(entry, None) for entry in entries], meta, spool)
+        yield from serialize(encoded, meta, spool)
 
 
 def serialize(
@@ -357,16 +371,19 @@ def serialize(
         if start > position:
             yield bytes(start - position)
         if payload is None:
-            for done in range(0, entry.length, SPOOL_CHUNK):
-                yield spool.read(min(SPOOL_CHUNK, entry.length - done))
+            for done in range(0, entry.length, CHUNK):
+                yield spool.read(min(CHUNK, entry.length - done))
         else:
-            yield payload
+            view = memoryview(payload).cast("B")
+            for done in range(0, entry.length, CHUNK):
+                yield view[done : done + CHUNK]
         position = start + entry.length
 
 
 def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) -> None:
     """Write chunks to a temporary file beside ``path``, fsync, then rename over it, so
     ``path`` holds either its previous content or the complete new file, never a mix.
+    Large all-zero chunks are skipped over, leaving holes where the file system allows.
     I/O failures raise :class:`~qpack.errors.WriteError` (also an ``OSError``)."""
     target = Path(path)
     folder = target.parent
@@ -375,7 +392,11 @@ def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) 
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
-                out.write(chunk)
+                if len(chunk) >= SPARSE_MIN and not np.frombuffer(chunk, np.uint8).any():
+                    out.seek(len(chunk), os.SEEK_CUR)  # reads back as zeros
+                else:
+                    out.write(chunk)
+            out.truncate()  # a trailing hole needs the size set
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)
@@ -421,6 +442,33 @@ def encode(
 # --------------------------------------------------------------------------- reading
 
 
+# Per-thread buffers reused for payload bytes and codes: fresh memory costs a page fault per
+# 4 KiB, which is as much as decoding it. Larger tensors get their own buffers.
+SCRATCH_MAX = 1 << 24
+_scratch = threading.local()
+
+
+def scratch(slot: str, size: int) -> np.ndarray | None:
+    """This thread's reusable uint8 buffer ``slot``, at least ``size`` bytes (None when
+    ``size`` is over :data:`SCRATCH_MAX`). Nothing returned to a caller may alias it."""
+    if size > SCRATCH_MAX:
+        return None
+    buffer = getattr(_scratch, slot, None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(max(size, 1 << 16), dtype=np.uint8)
+        setattr(_scratch, slot, buffer)
+    return buffer[:size]
+
+
+def _preadv(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset``; returns the bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    chunk = os.pread(fd, len(view), offset)  # platforms without preadv
+    view[: len(chunk)] = chunk
+    return len(chunk)
+
+
 class Reader:
     """Validated access to a .qpk file or buffer; tensors are read and checked on demand."""
 
@@ -448,18 +496,25 @@ class Reader:
         self._by_name = {entry.name: entry for entry in self.header.tensors}
 
     # -- plumbing
-    def _read_at(self, offset: int, size: int) -> bytes:
+    def _read_at(self, offset: int, size: int, into: np.ndarray | None = None):
+        """``size`` bytes at ``offset``: new bytes, or a view of ``into`` (a uint8 array of
+        at least ``size`` bytes, filled in place; reusing it spares fresh pages)."""
         if self._buffer is not None:
-            return bytes(self._buffer[offset : offset + size])
-        chunks = []
-        while size > 0:
-            chunk = os.pread(self._file.fileno(), size, offset)
-            if not chunk:
+            view = self._buffer[offset : offset + size]
+            return bytes(view) if into is None else view
+        if into is None:
+            into = np.empty(size, dtype=np.uint8)
+            owned = True
+        else:
+            owned = False
+        view = memoryview(into)[:size]
+        done = 0
+        while done < size:
+            got = _preadv(self._file.fileno(), view[done:], offset + done)
+            if not got:
                 raise E.TruncatedError("file ended early while reading", path=self.path)
-            chunks.append(chunk)
-            offset += len(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
+            done += got
+        return bytes(view) if owned else view
 
     def close(self) -> None:
         if self._file is not None:
@@ -486,10 +541,10 @@ class Reader:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
-    def payload(self, entry: TensorEntry) -> bytes:
-        """The tensor's bytes, after checking their CRC-32."""
-        data = self._read_at(self.header.data_start + entry.offset, entry.length)
-        if zlib.crc32(data) != entry.crc32:
+    def payload(self, entry: TensorEntry, into: np.ndarray | None = None):
+        """The tensor's bytes, after checking their CRC-32 (read into ``into`` if given)."""
+        data = self._read_at(self.header.data_start + entry.offset, entry.length, into)
+        if crc32(data) != entry.crc32:
             raise E.DataChecksumError(
                 "data checksum mismatch (corrupted tensor bytes)", path=self.path, tensor=entry.name
             )
@@ -499,17 +554,31 @@ class Reader:
         """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
         (bfloat16 as its uint16 bit patterns)."""
         entry = self.entry(name)
-        return decode_payload(entry, self.payload(entry), self.path)
+        data = self.payload(entry, scratch("payload", entry.length))
+        return decode_payload(entry, data, self.path)
 
-    def arrays(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    def arrays(
+        self,
+        workers: int | None = None,
+        alloc: Callable[[TensorEntry], np.ndarray] | None = None,
+        dequant: Dequantizer | None = None,
+    ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
         """Decode every tensor in file order, checking every checksum, padding bit and
         alignment byte on the way.
 
-        Tensors are read and decoded by ``workers`` threads (default: one per CPU; numpy,
-        zlib and file reads release the GIL) a few tensors ahead of the consumer, and
+        Tensors are read and decoded by ``workers`` threads (default: one per CPU when the
+        file holds Huffman-coded tensors, else one) a few tensors ahead of the consumer, and
         yielded in order; a bad file raises the error of the first bad tensor in file order,
-        as a sequential reader would."""
-        return self._in_order(self._decode, workers)
+        as a sequential reader would. ``alloc(entry)``, if given, returns the flat array to
+        decode into: float32 for quantized tensors, else the stored dtype (uint16 for
+        bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
+        :func:`decode_payload`)."""
+
+        def decode(entry: TensorEntry, gap: int) -> np.ndarray:
+            out = None if alloc is None else alloc(entry)
+            return self._decode(entry, gap, out, dequant)
+
+        return self._in_order(decode, workers)
 
     def payloads(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, bytes]]:
         """Every tensor's checked bytes in file order, with the checks of :meth:`arrays`
@@ -518,6 +587,11 @@ class Reader:
 
     def _in_order(self, fn, workers: int | None) -> Iterator[tuple[TensorEntry, object]]:
         header = self.header
+        if workers is None:
+            # Threads pay off when zlib decodes (it releases the GIL for a whole tensor);
+            # numpy's many short calls run faster on one thread than two contending ones.
+            huffman = any(e.storage == "huffman" for e in header.tensors)
+            workers = cpu_count() if huffman else 1
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
@@ -528,8 +602,10 @@ class Reader:
         self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
         return self.payload(entry)
 
-    def _decode(self, entry: TensorEntry, gap: int) -> np.ndarray:
-        return decode_payload(entry, self._checked(entry, gap), self.path)
+    def _decode(self, entry: TensorEntry, gap: int, out=None, dequant=None) -> np.ndarray:
+        self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
+        data = self.payload(entry, scratch("payload", entry.length))
+        return decode_payload(entry, data, self.path, out, dequant)
 
     def verify(self) -> None:
         """Check the whole file; raises a QpackError on the first problem."""
@@ -543,33 +619,52 @@ class Reader:
             )
 
 
-def decode_payload(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
-    """Turn one tensor's checked bytes into an array of its shape."""
+def decode_payload(
+    entry: TensorEntry,
+    data: bytes | memoryview,
+    path=None,
+    out: np.ndarray | None = None,
+    dequant: Dequantizer | None = None,
+) -> np.ndarray:
+    """Turn one tensor's checked bytes into an array of its shape (decoded into ``out``, a
+    flat array as described in :meth:`Reader.arrays`, when given). ``dequant(entry, codes,
+    out)``, if given, does the last step instead of :func:`decode_codes_values`: the same
+    values by other means (e.g. torch's multithreaded kernels)."""
     if entry.storage == "raw":
-        out = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype]).reshape(entry.shape)
+        stored = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype])
         if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
             raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
-        return out.astype(out.dtype.newbyteorder("="))
+        if out is None:
+            out = stored.astype(stored.dtype.newbyteorder("="))
+        else:
+            out[...] = stored
+        return out.reshape(entry.shape)
     if not decodes_finite(entry.bits, entry.scale, entry.zero_point):
         raise E.HeaderError(
             "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
         )
-    return decode_codes_values(entry, decode_codes(entry, data, path))
+    codes = decode_codes(entry, data, path, scratch("codes", entry.numel))
+    return (dequant or decode_codes_values)(entry, codes, out)
 
 
-def decode_codes(entry: TensorEntry, data: bytes, path=None) -> np.ndarray:
-    """The flat integer codes of a quantized tensor, after checking their padding."""
-    return (_huffman_codes if entry.storage == "huffman" else _packed_codes)(entry, data, path)
+def decode_codes(
+    entry: TensorEntry, data: bytes | memoryview, path=None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The flat integer codes of a quantized tensor, after checking their padding (into
+    ``out``, a uint8 array of ``numel`` elements, where that saves a copy)."""
+    if entry.storage == "huffman":
+        return _huffman_codes(entry, data, path)
+    return _packed_codes(entry, data, path, out)
 
 
-def _packed_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
+def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.ndarray:
     if not padding_is_zero(data, entry.bits, entry.numel):
         raise E.DataError(
             "padding bits after the last code are not zero", path=path, tensor=entry.name
         )
     if entry.bits == 8:  # the bytes are the codes: no copy
         return np.frombuffer(data, dtype=np.uint8, count=entry.numel)
-    return unpack_codes(data, entry.bits, entry.numel)
+    return unpack_codes(data, entry.bits, entry.numel, out)
 
 
 def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ import msgpack
 import numpy as np
 
 from . import errors as E
+from ._zlib import crc32
 from .bitpack import packed_size
 from .entropy import kraft_ok, pack_lengths, unpack_lengths
 
@@ -177,7 +177,7 @@ def frame_header(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
 def header_crc(preamble: bytes, body: bytes) -> int:
     """CRC-32 of the preamble without its CRC field (bytes [0, 12) and [16, 24)), then the
     header body: every byte before the data section except the CRC and the padding."""
-    return zlib.crc32(body, zlib.crc32(preamble[16:24], zlib.crc32(preamble[:12])))
+    return crc32(body, crc32(preamble[16:24], crc32(preamble[:12])))
 
 
 def layout(entries: list[TensorEntry]) -> int:

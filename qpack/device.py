@@ -26,7 +26,7 @@ from .codec import decode_codes
 from .container import DTYPE_SIZES, TensorEntry
 from .schemes import decodes_finite
 
-__all__ = ["decode_on_device"]
+__all__ = ["decode_on_device", "dequantize_cpu"]
 
 
 def decode_on_device(
@@ -143,9 +143,27 @@ def _dequantize(codes: torch.Tensor, entry: TensorEntry, device: torch.device) -
     """Spec section 6.1 on the device: the flat codes split into one equal run per
     scale/zero_point pair; each code becomes ``fl32(scale * fl32(fl32(q) - zero_point))``,
     two separate float32 ops in that order (eager torch: no fusion, no FMA)."""
+    values = torch.empty(codes.shape, dtype=torch.float32, device=device)
+    return _dequantize_into(codes, entry, values)
+
+
+def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
     scale = torch.from_numpy(np.array(entry.scale, dtype=np.float32).reshape(-1, 1))
     zero = torch.from_numpy(np.array(entry.zero_point, dtype=np.float32).reshape(-1, 1))
-    values = codes.to(torch.float32).view(scale.shape[0], -1)  # exact: q < 256
-    values.sub_(zero.to(device))
-    values.mul_(scale.to(device))
-    return values
+    rows = out.view(scale.shape[0], -1)
+    # uint8 - float32 computes in float32 (q < 256 converts exactly), then one product
+    torch.sub(codes.view(rows.shape), zero.to(out.device), out=rows)
+    rows.mul_(scale.to(out.device))
+    return out
+
+
+def dequantize_cpu(entry: TensorEntry, codes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """A :data:`qpack.codec.Dequantizer` running torch's CPU kernels (vectorized and
+    multithreaded), with exactly the values of the numpy one."""
+    if out is None:
+        out = np.empty(codes.size, dtype=np.float32)
+    if codes.size:
+        if not codes.flags.writeable:  # torch wants writable memory; it only reads this
+            codes = codes.copy()
+        _dequantize_into(torch.from_numpy(codes), entry, torch.from_numpy(out))
+    return out.reshape(entry.shape)

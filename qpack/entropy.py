@@ -15,12 +15,12 @@ through bitarray's canonical decoder instead; both give the same symbols and err
 
 from __future__ import annotations
 
-import heapq
 import math
-import zlib
+from functools import cache
 
 import numpy as np
 
+from ._zlib import ERRORS, decompressobj
 from .bitpack import BLOCK, pack_codes, packed_size, unpack_codes
 
 __all__ = [
@@ -48,26 +48,54 @@ def group_choices(bits: int) -> range:
 
 def group_codes(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
     """Combine runs of ``group`` codes into one symbol each (zero codes pad the last run)."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
     if group == 1:
-        return codes.astype(np.uint8, copy=False)
+        return codes
     count = -(-codes.size // group)
-    padded = np.zeros(count * group, dtype=np.uint16)
+    if group == 2:  # one lookup per pair: the pair's two bytes index a 64 Ki table
+        padded = codes if codes.size % 2 == 0 else np.append(codes, np.uint8(0))
+        return np.take(_pair_symbols(bits), padded.view("<u2").astype(np.intp))
+    padded = np.zeros(count * group, dtype=np.uint8)
     padded[: codes.size] = codes
     runs = padded.reshape(count, group)
     symbols = runs[:, 0].copy()
     for j in range(1, group):
-        symbols |= runs[:, j] << (j * bits)
-    return symbols.astype(np.uint8)
+        symbols |= runs[:, j] << np.uint8(j * bits)
+    return symbols
+
+
+@cache
+def _pair_symbols(bits: int) -> np.ndarray:
+    """Symbol of every code pair, indexed by ``first | second << 8``."""
+    pair = np.arange(1 << 16)
+    first, second = pair & 0xFF, pair >> 8
+    ok = (first < (1 << bits)) & (second < (1 << bits))
+    return np.where(ok, first | (second << bits), 0).astype(np.uint8)
+
+
+@cache
+def _symbol_codes(bits: int, group: int) -> np.ndarray:
+    """The ``group`` codes of every symbol, as rows of a (256, width) uint8 table whose
+    width is ``group`` rounded up to 1, 2, 4 or 8 bytes, so a row is one machine word."""
+    width = 1 << (group - 1).bit_length()
+    symbols = np.arange(256)
+    table = np.zeros((256, width), dtype=np.uint8)
+    for j in range(group):
+        table[:, j] = (symbols >> (j * bits)) & ((1 << bits) - 1)
+    return table
 
 
 def ungroup_symbols(symbols: np.ndarray, bits: int, group: int, count: int) -> np.ndarray:
     """Split symbols back into ``count`` codes; the padding codes are returned separately
-    as the second value so the caller can check they are zero."""
+    as the second value so the caller can check they are zero. One table lookup per
+    symbol yields all of its codes at once."""
     if group == 1:
         return symbols[:count], symbols[count:]
-    mask = (1 << bits) - 1
-    shifts = (np.arange(group, dtype=np.uint8) * bits)[None, :]
-    codes = ((symbols[:, None] >> shifts) & mask).astype(np.uint8).reshape(-1)
+    table = _symbol_codes(bits, group)
+    width = table.shape[1]
+    words = table.view(f"<u{width}").reshape(-1)
+    codes = np.take(words, symbols.astype(np.intp)).view(np.uint8).reshape(-1, width)
+    codes = codes[:, :group].reshape(-1) if width != group else codes.reshape(-1)
     return codes[:count], codes[count:]
 
 
@@ -101,19 +129,33 @@ def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndar
 
 
 def _tree_depths(weights: np.ndarray) -> np.ndarray:
-    """Depth of each leaf in a Huffman tree over ``weights`` (all > 0, at least two)."""
-    heap = [(int(w), i, (i,)) for i, w in enumerate(weights)]
-    heapq.heapify(heap)
-    depth = np.zeros(len(weights), dtype=np.int64)
-    order = len(weights)
-    while len(heap) > 1:
-        w1, _, leaves1 = heapq.heappop(heap)
-        w2, _, leaves2 = heapq.heappop(heap)
-        merged = leaves1 + leaves2
-        depth[list(merged)] += 1
-        heapq.heappush(heap, (w1 + w2, order, merged))
-        order += 1
-    return depth
+    """Depth of each leaf in a Huffman tree over ``weights`` (all > 0, at least two).
+
+    The two-queue construction: leaves sorted by (weight, index), and internal nodes, which
+    are made in nondecreasing weight order, so each step merges the two lightest fronts
+    (a leaf first on ties). Deterministic, and linear after the sort."""
+    n = len(weights)
+    order = np.lexsort((np.arange(n), weights))
+    weight = [int(weights[i]) for i in order] + [0] * (n - 1)
+    parent = [0] * (2 * n - 1)
+    leaf, node = 0, n  # fronts of the two queues; internal node k sits at index n + k
+    for made in range(n, 2 * n - 1):
+        picked = []
+        for _ in range(2):
+            if leaf < n and (node >= made or weight[leaf] <= weight[node]):
+                picked.append(leaf)
+                leaf += 1
+            else:
+                picked.append(node)
+                node += 1
+        weight[made] = weight[picked[0]] + weight[picked[1]]
+        parent[picked[0]] = parent[picked[1]] = made
+    depth = [0] * (2 * n - 1)
+    for k in range(2 * n - 3, -1, -1):  # the root is the last node made
+        depth[k] = depth[parent[k]] + 1
+    out = np.zeros(n, dtype=np.int64)
+    out[order] = depth[:n]
+    return out
 
 
 def kraft_ok(lengths: np.ndarray) -> bool:
@@ -265,13 +307,18 @@ def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.nda
     else:
         symbols = _bitarray_decode(data, lengths, count)
     used_bits = int(np.bincount(symbols, minlength=lengths.size) @ lengths.astype(np.int64))
+    if used_bits > 8 * len(data):  # the last symbols were read from _inflate's padding
+        raise ValueError("stream ended early")
     return symbols, used_bits
 
 
 def _inflate(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
+    # Zero bytes after the stream let an inflater that reads ahead decode the last codeword
+    # (ISA-L does); symbols that come from them are caught by the used-bit count.
+    stream = b"".join((deflate_prefix(lengths), data, bytes(8)))
     try:
-        out = zlib.decompressobj(-15).decompress(deflate_prefix(lengths) + data, count)
-    except zlib.error:  # a pattern that is no codeword
+        out = decompressobj(-15).decompress(stream, count)
+    except ERRORS:  # a pattern that is no codeword
         raise ValueError("invalid codeword") from None
     if len(out) < count:  # ran out of bytes, or met the spare codeword (end of block)
         raise ValueError("stream ended early")
@@ -307,9 +354,7 @@ def entropy_bits(codes: np.ndarray, alphabet: int) -> float:
     """Empirical entropy bound ``n * H(codes)`` in bits."""
     if codes.size == 0:
         return 0.0
-    counts = np.bincount(codes.reshape(-1), minlength=alphabet).astype(np.float64)
-    p = counts[counts > 0] / codes.size
-    return float(-(counts[counts > 0] * np.log2(p)).sum()) if p.size > 1 else 0.0
+    return _entropy_of_counts(np.bincount(codes.reshape(-1), minlength=alphabet))
 
 
 def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
@@ -317,16 +362,24 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
     return int((symbols_counts.astype(np.int64) * lengths.astype(np.int64)).sum())
 
 
-def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int]:
-    """The group size giving the smallest stream plus code length table:
-    (group, code lengths, stream bytes)."""
+def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.ndarray]:
+    """The group size with the smallest stream plus code length table, judged by each
+    histogram's entropy bound (building a Huffman code for every candidate costs more
+    than it tells): (group, code lengths, stream bytes, symbols)."""
     best = None
     for group in group_choices(bits):
         symbols = group_codes(codes, bits, group)
         alphabet = 1 << (group * bits)
         hist = np.bincount(symbols, minlength=alphabet)
-        lengths = huffman_lengths(hist)
-        stream = math.ceil(stream_bits(hist, lengths) / 8)
-        if best is None or stream + packed_size(alphabet, 4) < best[3]:
-            best = (group, lengths, stream, stream + packed_size(alphabet, 4))
-    return best[:3]
+        estimate = _entropy_of_counts(hist) / 8 + packed_size(alphabet, 4)
+        if best is None or estimate < best[0]:
+            best = (estimate, group, hist, symbols)
+    _, group, hist, symbols = best
+    lengths = huffman_lengths(hist)
+    return group, lengths, math.ceil(stream_bits(hist, lengths) / 8), symbols
+
+
+def _entropy_of_counts(counts: np.ndarray) -> float:
+    """``n * H`` in bits for a histogram."""
+    used = counts[counts > 0].astype(np.float64)
+    return float(-(used * np.log2(used / used.sum())).sum()) if used.size > 1 else 0.0

@@ -41,14 +41,14 @@ def test_get_reads_only_that_tensor(saved, monkeypatch):
     path, _ = saved
     sizes = {t["name"]: t["bytes"] for t in qpack.inspect(path)["tensors"]}
     read = []
-    real_pread = os.pread
+    real_preadv = os.preadv
 
-    def counting_pread(fd, n, offset):
-        data = real_pread(fd, n, offset)
-        read.append(len(data))
-        return data
+    def counting_preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        read.append(got)
+        return got
 
-    monkeypatch.setattr(os, "pread", counting_pread)
+    monkeypatch.setattr(os, "preadv", counting_preadv)
     with qpack.open(path) as f:
         header_bytes = sum(read)
         read.clear()

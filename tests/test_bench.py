@@ -1,0 +1,90 @@
+"""Smoke test of tools/bench.py: a --quick run exits 0 and its JSON holds every measurement
+and ratio. No timing assertions: machines are too noisy for them."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("safetensors")
+
+BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+
+QPACK_ROWS = [
+    (method, bits, storage)
+    for method in ("qpack save", "qpack load")
+    for bits in (8, 4, 3)
+    for storage in ("packed", "entropy")
+]
+PEER_ROWS = [
+    ("gguf quantize", 8, "Q8_0"),
+    ("gguf dequantize", 8, "Q8_0"),
+    ("gguf quantize", 4, "Q4_0"),
+    ("gguf dequantize", 4, "Q4_0"),
+    ("gguf dequantize", 3, "Q3_K"),
+    ("float32 copy", 32, "clone"),
+    ("torch.load", 32, "float32 .pt"),
+    ("safetensors load_file", 16, "float16"),
+]
+RATIOS = [
+    *(
+        f"qpack load {s} {b}-bit / gguf dequantize {t}"
+        for s in ("packed", "entropy")
+        for b, t in ((8, "Q8_0"), (4, "Q4_0"), (3, "Q3_K"), (3, "Q4_0"))
+    ),
+    *(
+        f"qpack save {s} {b}-bit / gguf quantize {t}"
+        for s in ("packed", "entropy")
+        for b, t in ((8, "Q8_0"), (4, "Q4_0"), (3, "Q4_0"))
+    ),
+    *(
+        f"qpack load {s} {b}-bit / torch.load float32 .pt"
+        for s in ("packed", "entropy")
+        for b in (8, 4, 3)
+    ),
+]
+
+
+def test_quick_run_writes_every_number(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout
+    data = json.loads(out.read_text())
+    assert {"date", "cpu", "python", "numpy", "torch", "gguf", "safetensors", "qpack"} <= set(
+        data["machine"]
+    )
+    assert set(data["workloads"]) == {"conv19m", "unet"}
+    for name, workload in data["workloads"].items():
+        rows = {(r["method"], r["bits"], r["storage"]): r for r in workload["results"]}
+        for key in QPACK_ROWS + PEER_ROWS:
+            assert key in rows, (name, key)
+            row = rows[key]
+            assert math.isfinite(row["params_per_s"]) and row["params_per_s"] > 0, (name, key)
+            assert row["best_s"] > 0 and row["params"] > 0
+        for key in QPACK_ROWS:
+            assert rows[key]["bytes"] > 0 and rows[key]["params"] == workload["params"]
+        assert rows[("gguf dequantize", 8, "Q8_0")]["params"] == workload["gguf_params"]
+        ratios = {r["name"]: r for r in workload["ratios"]}
+        for ratio in RATIOS:
+            assert ratio in ratios, (name, ratio)
+            r = ratios[ratio]
+            assert math.isfinite(r["value"]) and r["value"] > 0
+            assert "target" in r and "pass" in r
+            if name == "unet" or "torch.load" not in ratio:
+                assert r["target"] > 0 and isinstance(r["pass"], bool), (name, ratio)
+        # the decoded weights are sane (a fast but wrong load would show up here)
+        assert all(
+            c.get("ok", True) and c.get("packed_equals_entropy", True) for c in workload["checks"]
+        ), workload["checks"]
