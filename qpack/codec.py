@@ -79,6 +79,7 @@ NUMPY_DTYPES = {
     "bool": "?",
 }
 DEFAULT_BITS = 8
+THREADS_MIN_CODES = 1 << 22  # Huffman-coded weights from which decoding uses threads
 SPARSE_MIN = 1 << 20  # smallest all-zero chunk left as a hole
 CHUNK = 1 << 24  # bytes written at a time; an all-zero chunk becomes a hole (sparse file)
 # Huffman-code the quantized codes where that is smaller (it never makes a file larger).
@@ -588,10 +589,11 @@ class Reader:
     def _in_order(self, fn, workers: int | None) -> Iterator[tuple[TensorEntry, object]]:
         header = self.header
         if workers is None:
-            # Threads pay off when zlib decodes (it releases the GIL for a whole tensor);
-            # numpy's many short calls run faster on one thread than two contending ones.
-            huffman = any(e.storage == "huffman" for e in header.tensors)
-            workers = cpu_count() if huffman else 1
+            # Threads pay off when zlib decodes (it releases the GIL for a whole tensor)
+            # and there is enough of it; numpy's many short calls run faster on one thread
+            # than on two contending for the GIL.
+            coded = sum(e.numel for e in header.tensors if e.storage == "huffman")
+            workers = cpu_count() if coded >= THREADS_MIN_CODES else 1
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)

@@ -174,3 +174,21 @@ def test_decoding_without_the_accelerator(tmp_path):
     for p in paths:
         arrays = qpack.load_numpy(p)
         assert got[p] == {k: np.ascontiguousarray(a).tobytes().hex() for k, a in arrays.items()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 10**6), min_size=2, max_size=256))
+def test_tree_is_an_optimal_huffman_tree(weights):
+    """Two-queue construction against the textbook heap construction: same total cost."""
+    import heapq
+
+    heap = list(weights)
+    heapq.heapify(heap)
+    cost = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        cost += merged
+        heapq.heappush(heap, merged)
+    depths = H._tree_depths(np.array(weights))
+    assert int((np.array(weights) * depths).sum()) == cost
+    assert sum(2.0 ** -int(d) for d in depths) == 1.0
