@@ -138,7 +138,10 @@ def _decode_into_torch(reader: Reader):
 
     from .device import dequantize_cpu
 
-    for entry, _ in reader.arrays(alloc=alloc, dequant=dequantize_cpu):
+    # torch's kernels use every core: faster on one decoding thread, slower on several
+    workers = reader.default_workers()
+    dequant = dequantize_cpu if workers == 1 else None
+    for entry, _ in reader.arrays(workers, alloc=alloc, dequant=dequant):
         yield entry, made.pop(entry.name).reshape(entry.shape).to(_dtype(entry))
 
 

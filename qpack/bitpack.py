@@ -16,12 +16,7 @@ from functools import cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "packed_size", "pack_codes", "unpack_codes", "padding_is_zero"]
-
-# Elements per block for the blocked kernels elsewhere (quantization, dequantization,
-# Huffman encoding): large enough to amortize numpy's per-call cost, small enough that a
-# block's float temporaries stay in a core's L2 cache.
-BLOCK = 1 << 15
+__all__ = ["packed_size", "pack_codes", "unpack_codes", "padding_is_zero"]
 
 
 def packed_size(count: int, bits: int) -> int:

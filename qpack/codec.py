@@ -181,7 +181,7 @@ def quantize_tensor(
 
 def _quantize(name, array, dtype, bits, scheme, entropy):
     """:func:`quantize_tensor`, plus the Huffman symbols when Huffman storage is chosen."""
-    values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32)
+    values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32, copy=False)
     if not np.isfinite(values).all():
         raise E.EncodeError(
             "holds NaN or infinite values, which cannot be quantized; "
@@ -588,16 +588,18 @@ class Reader:
 
     def _in_order(self, fn, workers: int | None) -> Iterator[tuple[TensorEntry, object]]:
         header = self.header
-        if workers is None:
-            # Threads pay off when zlib decodes (it releases the GIL for a whole tensor)
-            # and there is enough of it; numpy's many short calls run faster on one thread
-            # than on two contending for the GIL.
-            coded = sum(e.numel for e in header.tensors if e.storage == "huffman")
-            workers = cpu_count() if coded >= THREADS_MIN_CODES else 1
+        workers = workers or self.default_workers()
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
         yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
+
+    def default_workers(self) -> int:
+        """Threads that decode this file fastest: one per CPU when zlib has enough to do
+        (it releases the GIL for a whole tensor), else one; numpy's many short calls run
+        faster on one thread than on two contending for the GIL."""
+        coded = sum(e.numel for e in self.header.tensors if e.storage == "huffman")
+        return cpu_count() if coded >= THREADS_MIN_CODES else 1
 
     def _checked(self, entry: TensorEntry, gap: int) -> bytes:
         """Check the alignment bytes before a tensor, then read and check its bytes."""

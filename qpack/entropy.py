@@ -21,7 +21,7 @@ from functools import cache
 import numpy as np
 
 from ._zlib import ERRORS, decompressobj
-from .bitpack import BLOCK, pack_codes, packed_size, unpack_codes
+from .bitpack import pack_codes, packed_size, unpack_codes
 
 __all__ = [
     "MAX_CODE_LENGTH",
@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 MAX_CODE_LENGTH = 15
+# Symbols per block in the encoder: enough to amortize numpy's per-call cost, few enough
+# that the uint64 temporaries stay in cache.
+BLOCK = 1 << 17
 
 
 def group_choices(bits: int) -> range:
@@ -194,7 +197,7 @@ def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
 def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream.
 
-    Vectorized, in blocks of :data:`~qpack.bitpack.BLOCK` symbols: codewords are merged
+    Vectorized, in blocks of :data:`BLOCK` symbols: codewords are merged
     four at a time (at most 60 bits, one uint64), each merged run lands at its bit offset
     in at most two 64-bit words, and runs sharing a word are OR-ed together with
     ``reduceat`` (offsets only grow, so they are adjacent)."""
