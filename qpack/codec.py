@@ -461,6 +461,16 @@ def scratch(slot: str, size: int) -> np.ndarray | None:
     return buffer[:size]
 
 
+@contextlib.contextmanager
+def scratch_scope() -> Iterator[None]:
+    """Drop this thread's scratch buffers on leaving, so a long-lived thread (the caller's)
+    does not keep them after a load. Worker threads drop theirs when they end."""
+    try:
+        yield
+    finally:
+        _scratch.__dict__.clear()
+
+
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
     """Read into ``view`` at ``offset``; returns the bytes read (0 at the end of the file)."""
     if hasattr(os, "preadv"):
@@ -555,8 +565,9 @@ class Reader:
         """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
         (bfloat16 as its uint16 bit patterns)."""
         entry = self.entry(name)
-        data = self.payload(entry, scratch("payload", entry.length))
-        return decode_payload(entry, data, self.path)
+        with scratch_scope():
+            data = self.payload(entry, scratch("payload", entry.length))
+            return decode_payload(entry, data, self.path)
 
     def arrays(
         self,
@@ -592,7 +603,8 @@ class Reader:
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
-        yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
+        with scratch_scope():
+            yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
 
     def default_workers(self) -> int:
         """Threads that decode this file fastest: one per CPU when zlib has enough to do

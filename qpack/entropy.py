@@ -197,10 +197,11 @@ def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
 def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream.
 
-    Vectorized, in blocks of :data:`BLOCK` symbols: codewords are merged
-    four at a time (at most 60 bits, one uint64), each merged run lands at its bit offset
-    in at most two 64-bit words, and runs sharing a word are OR-ed together with
-    ``reduceat`` (offsets only grow, so they are adjacent)."""
+    Vectorized, in blocks of :data:`BLOCK` symbols: one lookup in a 64 Ki table gives the
+    bit-reversed codewords of two symbols at once (at most 30 bits), two of those make a
+    run of four symbols (at most 60 bits, one uint64), and each run lands at its bit
+    offset in at most two 64-bit words. Runs sharing a word hold disjoint bits, so the
+    word is their sum: a difference of prefix sums (exact modulo 2^64)."""
     lengths = np.asarray(lengths)
     symbols = np.asarray(symbols, dtype=np.uint8).reshape(-1)
     if symbols.size == 0:
@@ -209,41 +210,48 @@ def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     if counts.size > lengths.size or not lengths[counts[: lengths.size] > 0].all():
         raise ValueError("a symbol to encode has no codeword (code length 0)")
     total = int(counts @ lengths.astype(np.int64))
-    # one lookup per symbol: bit-reversed codeword in the low 16 bits, its length above
-    table = _reversed_codes(lengths) | (lengths.astype(np.uint64) << np.uint64(16))
+    code = np.zeros(256, dtype=np.uint64)
+    size = np.zeros(256, dtype=np.uint64)
+    code[: lengths.size] = _reversed_codes(lengths)
+    size[: lengths.size] = lengths
+    # pair index: first | second << 8, so the first symbol cycles fastest
+    first_code, first_size = np.tile(code, 256), np.tile(size, 256)
+    pair_code = first_code | (np.repeat(code, 256) << first_size)
+    pair_size = first_size + np.repeat(size, 256)
     words = np.zeros(total // 64 + 2, dtype="<u8")
+    whole = symbols.size // 4 * 4
     base = 0
-    for first in range(0, symbols.size, BLOCK):
-        block = symbols[first : first + BLOCK]
-        quads = -(-block.size // 4)
-        entry = np.zeros(quads * 4, dtype=np.uint64)  # padding entries are 0 bits long
-        entry[: block.size] = np.take(table, block.astype(np.intp))
-        entry = entry.reshape(quads, 4)
-        size = entry >> np.uint64(16)
-        code = entry & np.uint64(0xFFFF)
-        run = code[:, 0].copy()
-        shift = size[:, 0].copy()
-        for j in range(1, 4):
-            run |= code[:, j] << shift
-            shift += size[:, j]
-        start = np.cumsum(shift)
-        start -= shift
-        start += np.uint64(base)
+    for start in range(0, whole, BLOCK):
+        pairs = symbols[start : min(whole, start + BLOCK)].view("<u2").astype(np.intp)
+        pairs = pairs.reshape(-1, 2).T  # first and second pair of each run of four
+        run = np.take(pair_code, pairs[0])
+        shift = np.take(pair_size, pairs[0])
+        run |= np.take(pair_code, pairs[1]) << shift
+        shift += np.take(pair_size, pairs[1])
+        offsets = np.cumsum(shift)
+        offsets -= shift
+        offsets += np.uint64(base)
         base += int(shift.sum())
-        word = start >> np.uint64(6)
-        offset = start & np.uint64(63)
-        # Runs landing in the same word hold disjoint bits, so their OR is their sum, and
-        # a word's sum is a difference of prefix sums (exact modulo 2^64).
-        last = np.append(np.flatnonzero(word[1:] != word[:-1]), word.size - 1)
-        where = word[last].astype(np.intp)
-        for part, to in (
-            (run << offset, where),
-            ((run >> np.uint64(1)) >> (np.uint64(63) - offset), where + 1),  # past the word
-        ):
-            sums = np.cumsum(part)[last]
-            sums[1:] -= sums[:-1].copy()
-            words[to] |= sums  # |=: the first and last words are shared with other blocks
+        _place(words, run, offsets)
+    for symbol in symbols[whole:].tolist():  # at most three left over
+        _place(words, code[symbol : symbol + 1], np.array([base], dtype=np.uint64))
+        base += int(size[symbol])
     return words.view(np.uint8)[: -(-total // 8)].copy()
+
+
+def _place(words: np.ndarray, run: np.ndarray, offsets: np.ndarray) -> None:
+    """OR runs of at most 63 bits into ``words`` at increasing bit offsets."""
+    word = offsets >> np.uint64(6)
+    shift = offsets & np.uint64(63)
+    last = np.append(np.flatnonzero(word[1:] != word[:-1]), word.size - 1)
+    where = word[last].astype(np.intp)
+    for part, to in (
+        (run << shift, where),
+        ((run >> np.uint64(1)) >> (np.uint64(63) - shift), where + 1),  # past the word
+    ):
+        sums = np.cumsum(part)[last]
+        sums[1:] -= sums[:-1].copy()
+        words[to] |= sums  # |=: a word may also hold bits placed by another call
 
 
 def has_spare_codeword(lengths: np.ndarray) -> bool:

@@ -192,3 +192,12 @@ def test_tree_is_an_optimal_huffman_tree(weights):
     depths = H._tree_depths(np.array(weights))
     assert int((np.array(weights) * depths).sum()) == cost
     assert sum(2.0 ** -int(d) for d in depths) == 1.0
+
+
+@pytest.mark.parametrize("tail", [1, 2, 3])
+def test_encoder_tail_with_the_largest_symbol(tail):
+    symbols = np.array([7] * 8 + [255] * tail, dtype=np.uint8)
+    lengths = H.huffman_lengths(np.bincount(symbols, minlength=256))
+    stream = H.encode_symbols(symbols, lengths).tobytes()
+    assert stream == naive_encode(symbols, lengths)
+    assert H.decode_symbols(stream, lengths, symbols.size)[0].tolist() == symbols.tolist()
