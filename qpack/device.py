@@ -22,7 +22,7 @@ import torch
 
 from . import errors as E
 from .bitpack import padding_is_zero
-from .codec import decode_codes
+from .codec import decode_codes, decode_codes_values
 from .container import DTYPE_SIZES, TensorEntry
 from .schemes import decodes_finite
 
@@ -157,9 +157,15 @@ def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor)
     return out
 
 
+# Below this many codes, starting torch's threads costs more than numpy's single pass.
+TORCH_MIN_CODES = 1 << 18
+
+
 def dequantize_cpu(entry: TensorEntry, codes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """A :data:`qpack.codec.Dequantizer` running torch's CPU kernels (vectorized and
-    multithreaded), with exactly the values of the numpy one."""
+    multithreaded) on large tensors, with exactly the values of the numpy one."""
+    if codes.size < TORCH_MIN_CODES:
+        return decode_codes_values(entry, codes, out)
     if out is None:
         out = np.empty(codes.size, dtype=np.float32)
     if codes.size:
