@@ -159,9 +159,10 @@ def encode_tensor(
         shape = tuple(int(d) for d in array.shape)
         entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, crc32(payload))
         return entry, payload
-    entry, codes, symbols = _quantize(name, array, dtype, bits, scheme, entropy)
+    entry, codes, huffman = _quantize(name, array, dtype, bits, scheme, entropy)
     if entry.storage == "huffman":
-        payload = encode_symbols(symbols, entry.code_lengths)
+        symbols, counts = huffman
+        payload = encode_symbols(symbols, entry.code_lengths, counts)
     else:
         payload = pack_codes(codes, entry.bits)
     assert payload.size == entry.length
@@ -180,7 +181,8 @@ def quantize_tensor(
 
 
 def _quantize(name, array, dtype, bits, scheme, entropy):
-    """:func:`quantize_tensor`, plus the Huffman symbols when Huffman storage is chosen."""
+    """:func:`quantize_tensor`, plus (symbols, their histogram) when Huffman storage is
+    chosen."""
     values = bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32, copy=False)
     if not np.isfinite(values).all():
         raise E.EncodeError(
@@ -218,12 +220,12 @@ def _quantize(name, array, dtype, bits, scheme, entropy):
         zero_point=q.zero_point,
     )
     if entropy:
-        group, lengths, stream, symbols = best_group(q.codes, q.bits)
+        group, lengths, stream, symbols, counts = best_group(q.codes, q.bits)
         # the code length table travels in the header: count it against Huffman
         if stream + packed_size(lengths.size, 4) < entry.length:
             entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
             entry.length = stream
-            return entry, q.codes, symbols
+            return entry, q.codes, (symbols, counts)
     return entry, q.codes, None
 
 

@@ -194,19 +194,23 @@ def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
     return reversed_
 
 
-def encode_symbols(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def encode_symbols(
+    symbols: np.ndarray, lengths: np.ndarray, counts: np.ndarray | None = None
+) -> np.ndarray:
     """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream.
 
     Vectorized, in blocks of :data:`BLOCK` symbols: one lookup in a 64 Ki table gives the
     bit-reversed codewords of two symbols at once (at most 30 bits), two of those make a
     run of four symbols (at most 60 bits, one uint64), and each run lands at its bit
     offset in at most two 64-bit words. Runs sharing a word hold disjoint bits, so the
-    word is their sum: a difference of prefix sums (exact modulo 2^64)."""
+    word is their sum: a difference of prefix sums (exact modulo 2^64). ``counts``, the
+    symbols' histogram, is computed when not given."""
     lengths = np.asarray(lengths)
     symbols = np.asarray(symbols, dtype=np.uint8).reshape(-1)
     if symbols.size == 0:
         return np.zeros(0, dtype=np.uint8)
-    counts = np.bincount(symbols, minlength=lengths.size)
+    if counts is None:
+        counts = np.bincount(symbols, minlength=lengths.size)
     if counts.size > lengths.size or not lengths[counts[: lengths.size] > 0].all():
         raise ValueError("a symbol to encode has no codeword (code length 0)")
     total = int(counts @ lengths.astype(np.int64))
@@ -388,10 +392,10 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
     return int((symbols_counts.astype(np.int64) * lengths.astype(np.int64)).sum())
 
 
-def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.ndarray]:
+def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
     """The group size with the smallest stream plus code length table, judged by each
     histogram's entropy bound (building a Huffman code for every candidate costs more
-    than it tells): (group, code lengths, stream bytes, symbols)."""
+    than it tells): (group, code lengths, stream bytes, symbols, symbol histogram)."""
     best = None
     for group in group_choices(bits):
         symbols = group_codes(codes, bits, group)
@@ -402,7 +406,7 @@ def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.n
             best = (estimate, group, hist, symbols)
     _, group, hist, symbols = best
     lengths = huffman_lengths(hist)
-    return group, lengths, math.ceil(stream_bits(hist, lengths) / 8), symbols
+    return group, lengths, math.ceil(stream_bits(hist, lengths) / 8), symbols, hist
 
 
 def _entropy_of_counts(counts: np.ndarray) -> float:
