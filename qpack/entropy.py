@@ -107,10 +107,9 @@ def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndar
     exactly one codeword of the greatest length unused (see the module docstring).
 
     Deterministic: ties are broken by symbol value. A single used symbol gets length 1.
-    The tree is built for ``limit - 1`` bits, then the last symbol in canonical order (the
-    largest of the longest) moves one level down, beside the spare codeword. Lengths over
-    the limit are avoided by halving the counts (keeping them >= 1) and rebuilding, which
-    costs next to nothing on real data.
+    The optimal tree is limited to ``limit - 1`` bits by :func:`_limit_depths`, then the
+    last symbol in canonical order (the largest of the longest) moves one level down,
+    beside the spare codeword.
     """
     counts = np.asarray(counts, dtype=np.int64)
     lengths = np.zeros(counts.size, dtype=np.uint8)
@@ -120,15 +119,36 @@ def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndar
     if used.size == 1:
         lengths[used[0]] = 1
         return lengths
-    weights = counts[used].copy()
-    while True:
-        depth = _tree_depths(weights)
-        if depth.max() < limit:
-            lengths[used] = depth
-            last = np.flatnonzero(lengths == depth.max())[-1]
-            lengths[last] += 1
-            return lengths
-        weights = (weights + 1) // 2
+    weights = counts[used]
+    depth = _tree_depths(weights)
+    if depth.max() >= limit:
+        depth = _limit_depths(weights, depth, limit - 1)
+    lengths[used] = depth
+    last = np.flatnonzero(lengths == depth.max())[-1]
+    lengths[last] += 1
+    return lengths
+
+
+def _limit_depths(weights: np.ndarray, depth: np.ndarray, cap: int) -> np.ndarray:
+    """Depths of at most ``cap`` with the same number of leaves and a complete code, as in
+    JPEG (ITU-T T.81, Annex K.3): two leaves below the cap become one leaf a level up and
+    a shorter leaf splits into two, until no leaf is below the cap; then the heaviest
+    symbols take the shortest lengths (ties by symbol value)."""
+    per_length = np.bincount(depth).tolist()
+    for i in range(len(per_length) - 1, cap, -1):
+        while per_length[i] > 0:
+            j = i - 2
+            while per_length[j] == 0:
+                j -= 1
+            per_length[i] -= 2
+            per_length[i - 1] += 1
+            per_length[j + 1] += 2
+            per_length[j] -= 1
+    ascending = np.repeat(np.arange(len(per_length)), per_length)
+    order = np.lexsort((np.arange(weights.size), -weights))  # heaviest first
+    out = np.empty(weights.size, dtype=np.int64)
+    out[order] = ascending
+    return out
 
 
 def _tree_depths(weights: np.ndarray) -> np.ndarray:

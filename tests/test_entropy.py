@@ -201,3 +201,17 @@ def test_encoder_tail_with_the_largest_symbol(tail):
     stream = H.encode_symbols(symbols, lengths).tobytes()
     assert stream == naive_encode(symbols, lengths)
     assert H.decode_symbols(stream, lengths, symbols.size)[0].tolist() == symbols.tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(15, 60), st.integers(2, 14))
+def test_length_limiting_keeps_a_complete_code_heaviest_shortest(n, cap):
+    weights = np.array([2**i for i in range(n)], dtype=np.int64)  # a maximally deep tree
+    if n > 1 << cap:
+        return
+    depth = H._tree_depths(weights)
+    limited = H._limit_depths(weights, depth, cap)
+    assert limited.max() <= cap
+    assert sum(2.0 ** -int(d) for d in limited) == 1.0
+    order = np.argsort(-weights, kind="stable")
+    assert (np.diff(limited[order]) >= 0).all()
