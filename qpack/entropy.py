@@ -412,21 +412,44 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
     return int((symbols_counts.astype(np.int64) * lengths.astype(np.int64)).sum())
 
 
-def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
+def best_group(
+    codes: np.ndarray, bits: int
+) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
     """The group size with the smallest stream plus code length table, judged by each
     histogram's entropy bound (building a Huffman code for every candidate costs more
     than it tells): (group, code lengths, stream bytes, symbols, symbol histogram)."""
-    best = None
-    for group in group_choices(bits):
-        symbols = group_codes(codes, bits, group)
-        alphabet = 1 << (group * bits)
-        hist = np.bincount(symbols, minlength=alphabet)
-        estimate = _entropy_of_counts(hist) / 8 + packed_size(alphabet, 4)
-        if best is None or estimate < best[0]:
-            best = (estimate, group, hist, symbols)
-    _, group, hist, symbols = best
+    hists, symbols = group_histograms(codes, bits)
+    best = min(
+        hists, key=lambda g: _entropy_of_counts(hists[g]) / 8 + packed_size(1 << (g * bits), 4)
+    )
+    hist = hists[best]
+    chosen = symbols[best] if best in symbols else group_codes(codes, bits, best)
     lengths = huffman_lengths(hist)
-    return group, lengths, math.ceil(stream_bits(hist, lengths) / 8), symbols, hist
+    return best, lengths, math.ceil(stream_bits(hist, lengths) / 8), chosen, hist
+
+
+def group_histograms(
+    codes: np.ndarray, bits: int
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The symbol histogram of every allowed group size, and the symbols of the sizes it
+    had to group. A group's histogram is derived from that of twice the group where there
+    is one (a symbol of 2g codes is two symbols of g codes), so the codes are grouped and
+    counted once per doubling chain rather than once per size."""
+    count = codes.size
+    hists: dict[int, np.ndarray] = {}
+    symbols: dict[int, np.ndarray] = {}
+    for group in sorted(group_choices(bits), reverse=True):
+        alphabet = 1 << (group * bits)
+        if 2 * group in hists:
+            pairs = hists[2 * group].reshape(alphabet, alphabet)  # [second][first]
+            hist = pairs.sum(axis=0) + pairs.sum(axis=1)
+            if 2 * -(-count // (2 * group)) > -(-count // group):
+                hist[0] -= 1  # the second half of the last run was all padding
+        else:
+            symbols[group] = group_codes(codes, bits, group)
+            hist = np.bincount(symbols[group], minlength=alphabet)
+        hists[group] = hist
+    return dict(sorted(hists.items())), symbols
 
 
 def _entropy_of_counts(counts: np.ndarray) -> float:

@@ -215,3 +215,15 @@ def test_length_limiting_keeps_a_complete_code_heaviest_shortest(n, cap):
     assert sum(2.0 ** -int(d) for d in limited) == 1.0
     order = np.argsort(-weights, kind="stable")
     assert (np.diff(limited[order]) >= 0).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 300), st.integers(0, 2**32 - 1))
+def test_derived_group_histograms_equal_counting(bits, count, seed):
+    rng = np.random.default_rng(seed)
+    codes = np.minimum(rng.geometric(0.4, count) - 1, (1 << bits) - 1).astype(np.uint8)
+    hists, _ = H.group_histograms(codes, bits)
+    assert sorted(hists) == list(H.group_choices(bits))
+    for group, hist in hists.items():
+        direct = np.bincount(H.group_codes(codes, bits, group), minlength=1 << (group * bits))
+        assert hist.tolist() == direct.tolist()
