@@ -545,3 +545,30 @@ def test_load_device_argument(tmp_path):
     qpack.save({"w": torch.ones(2, 2)}, tmp_path / "m.qpk")
     got = qpack.load(tmp_path / "m.qpk", device=torch.device("cpu"))
     assert got["w"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_fast_paths_match_the_numpy_decoder_bit_for_bit(tmp_path, entropy, monkeypatch):
+    """Large tensors take torch's CPU dequantizer, and files with many Huffman codes
+    decode on threads; both must give exactly the numpy decoder's values."""
+    from qpack import codec
+    from qpack.device import TORCH_MIN_CODES
+
+    monkeypatch.setattr(codec, "THREADS_MIN_CODES", 1)  # threads for any Huffman tensor
+    rng = np.random.default_rng(11)
+    rows = -(-TORCH_MIN_CODES // 1000)
+    state = {
+        f"w{bits}": torch.from_numpy((rng.standard_normal((rows, 1000)) * 0.05).astype(np.float32))
+        for bits in (3, 4, 8)
+    }
+    state["small"] = torch.randn(16, 9)
+    path = tmp_path / "big.qpk"
+    qpack.save(state, path, bits={f"w{b}": b for b in (3, 4, 8)}, entropy=entropy)
+    with codec.Reader(path) as reader:
+        assert (reader.default_workers() > 1) == (entropy and codec.cpu_count() > 1)
+        storages = {e.storage for e in reader.header.tensors if e.name != "small"}
+        assert storages == {"huffman" if entropy else "packed"}
+        reference = dict((e.name, a) for e, a in reader.arrays(workers=1))  # plain numpy
+    loaded = qpack.load(path)
+    for name, tensor in loaded.items():
+        assert same_bits(tensor, torch.from_numpy(reference[name])), name
