@@ -35,6 +35,7 @@ from .codec import (
     bf16_to_f32,
     decode_codes_values,
     encode_chunks,
+    ordered_map,
     quantize_tensor,
 )
 from .container import ALIGNMENT
@@ -121,9 +122,15 @@ class Allocator:
         options = [(b, s) for s in schemes for b in GRID]
         if progress:
             progress(f"measuring {len(self._targets)} tensors, {len(options)} options each")
-        self._choices = [
-            _measure(t, options, None if evaluate is None else evaluate) for t in self._targets
-        ]
+        # Tensors are measured on threads when only weight error is needed; a model
+        # evaluator runs torch, which already uses every core.
+        self._choices = list(
+            ordered_map(
+                lambda t: _measure(t, options, evaluate),
+                self._targets,
+                None if evaluate is None else 1,
+            )
+        )
         self._hull = _hull(self._choices)
 
     def _joint(self, chosen: Mapping[str, Option]) -> float:
