@@ -563,13 +563,16 @@ class Reader:
             )
         return data
 
-    def array(self, name: str) -> np.ndarray:
+    def array(
+        self, name: str, out: np.ndarray | None = None, dequant: Dequantizer | None = None
+    ) -> np.ndarray:
         """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
-        (bfloat16 as its uint16 bit patterns)."""
+        (bfloat16 as its uint16 bit patterns); ``out`` and ``dequant`` as in
+        :meth:`arrays`."""
         entry = self.entry(name)
         with scratch_scope():
             data = self.payload(entry, scratch("payload", entry.length))
-            return decode_payload(entry, data, self.path)
+            return decode_payload(entry, data, self.path, out, dequant)
 
     def arrays(
         self,
@@ -615,14 +618,14 @@ class Reader:
         coded = sum(e.numel for e in self.header.tensors if e.storage == "huffman")
         return cpu_count() if coded >= THREADS_MIN_CODES else 1
 
-    def _checked(self, entry: TensorEntry, gap: int) -> bytes:
-        """Check the alignment bytes before a tensor, then read and check its bytes."""
+    def _checked(self, entry: TensorEntry, gap: int, into: np.ndarray | None = None):
+        """Check the alignment bytes before a tensor, then read (into ``into`` if given)
+        and check its bytes."""
         self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
-        return self.payload(entry)
+        return self.payload(entry, into)
 
     def _decode(self, entry: TensorEntry, gap: int, out=None, dequant=None) -> np.ndarray:
-        self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
-        data = self.payload(entry, scratch("payload", entry.length))
+        data = self._checked(entry, gap, scratch("payload", entry.length))
         return decode_payload(entry, data, self.path, out, dequant)
 
     def verify(self) -> None:
@@ -661,7 +664,9 @@ def decode_payload(
         raise E.HeaderError(
             "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
         )
-    codes = decode_codes(entry, data, path, scratch("codes", entry.numel))
+    # only the fixed-width unpacker writes codes into a buffer of ours
+    unpacked = entry.storage == "packed" and entry.bits < 8
+    codes = decode_codes(entry, data, path, scratch("codes", entry.numel) if unpacked else None)
     return (dequant or decode_codes_values)(entry, codes, out)
 
 
