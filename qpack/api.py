@@ -98,68 +98,69 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict
     the CPU decoder. Raises a :class:`qpack.QpackError` subclass for any bad file. Every
     checksum, padding bit and alignment byte of the file is checked.
     """
-    return _load(path, device)
-
-
-def _load(path, device="cpu", progress=None) -> dict[str, torch.Tensor]:
-    """:func:`load`, reporting each tensor's element count to ``progress`` when decoded."""
-    state = {}
     with Reader(path) as reader:
-        if _on_cpu(device):
-            decoded = _decode_into_torch(reader)
-        else:
-            from .device import decode_on_device
+        return _load(reader, device)
 
-            decoded = (
-                (e, decode_on_device(e, payload, device, path=reader.path))
-                for e, payload in reader.payloads()
-            )
-        for entry, tensor in decoded:
-            state[entry.name] = tensor
-            if progress is not None:
-                progress(entry.numel)
+
+def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor]:
+    """:func:`load` from an open reader, reporting each tensor's element count to
+    ``progress`` when decoded."""
+    if _on_cpu(device):
+        decoded = _decode_into_torch(reader)
+    else:
+        from .device import decode_on_device
+
+        decoded = (
+            (e, decode_on_device(e, payload, device, path=reader.path))
+            for e, payload in reader.payloads()
+        )
+    state = {}
+    for entry, tensor in decoded:
+        state[entry.name] = tensor
+        if progress is not None:
+            progress(entry.numel)
     return state
 
 
 def _decode_into_torch(reader: Reader):
     """(entry, tensor) in file order, each decoded straight into a tensor torch allocated
     (its allocator reuses memory where numpy's would page-fault it in afresh)."""
-    import torch
+    from .device import dequantize_cpu
 
     made = {}
 
     def alloc(entry) -> np.ndarray:
-        quantized = entry.storage != "raw"
-        tensor = torch.empty(entry.numel, dtype=torch.float32 if quantized else _dtype(entry))
-        made[entry.name] = tensor
-        if entry.dtype == "bfloat16" and not quantized:
-            return tensor.view(torch.int16).numpy().view(np.uint16)
-        return tensor.numpy()
-
-    from .device import dequantize_cpu
+        made[entry.name], view = _torch_out(entry)
+        return view
 
     # torch's kernels use every core: faster on one decoding thread, slower on several
     workers = reader.default_workers()
     dequant = dequantize_cpu if workers == 1 else None
     for entry, _ in reader.arrays(workers, alloc=alloc, dequant=dequant):
-        yield entry, made.pop(entry.name).reshape(entry.shape).to(_dtype(entry))
+        yield entry, _finish(entry, made.pop(entry.name))
+
+
+def _torch_out(entry) -> tuple[torch.Tensor, np.ndarray]:
+    """A flat CPU tensor to decode ``entry`` into, and the numpy view the decoder writes:
+    float32 for quantized tensors, else the stored dtype (bfloat16 as its bit patterns)."""
+    import torch
+
+    quantized = entry.storage != "raw"
+    tensor = torch.empty(entry.numel, dtype=torch.float32 if quantized else _dtype(entry))
+    if entry.dtype == "bfloat16" and not quantized:
+        return tensor, tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor, tensor.numpy()
+
+
+def _finish(entry, tensor: torch.Tensor) -> torch.Tensor:
+    """A decoded flat tensor in the entry's shape and original dtype."""
+    return tensor.reshape(entry.shape).to(_dtype(entry))
 
 
 def _dtype(entry) -> torch.dtype:
     import torch
 
     return getattr(torch, entry.dtype)
-
-
-def _tensor(entry, array: np.ndarray, device) -> torch.Tensor:
-    """The torch tensor of a decoded array, in the tensor's original dtype."""
-    import torch
-
-    if entry.storage == "raw" and entry.dtype == "bfloat16":
-        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(array).to(_dtype(entry))
-    return tensor.to(device)
 
 
 def _on_cpu(device) -> bool:
@@ -220,7 +221,11 @@ class QpackFile:
         dtype; KeyError for an unknown name."""
         entry = self._reader.entry(name)
         if _on_cpu(self._device):
-            return _tensor(entry, self._reader.array(name), self._device)
+            from .device import dequantize_cpu
+
+            tensor, view = _torch_out(entry)
+            self._reader.array(name, out=view, dequant=dequantize_cpu)
+            return _finish(entry, tensor)
         from .device import decode_on_device
 
         payload = self._reader.payload(entry)

@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from . import errors as E
+from .api import _is_tensor
 from .codec import Reader, describe, write_atomic
 from .schemes import DEFAULT_SCHEME, SCHEMES
 
@@ -53,12 +54,6 @@ def _first_line(text: str) -> str:
 
 def _a(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
-
-
-def _is_tensor(value: Any) -> bool:
-    import torch
-
-    return isinstance(value, torch.Tensor)
 
 
 def qpack_metadata(path) -> dict[str, str]:
@@ -578,8 +573,8 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 
     with Reader(args.input) as reader:
         params = sum(entry.numel for entry in reader.header.tensors)
-    with progress_bar(params, "unpacking") as progress:
-        state = _load(args.input, progress=progress)
+        with progress_bar(params, "unpacking") as progress:
+            state = _load(reader, progress=progress)
     if str(args.output).endswith(".safetensors"):
         data = _safetensors().save(state, metadata=qpack_metadata(args.input))
     else:
