@@ -181,10 +181,15 @@ def _tree_depths(weights: np.ndarray) -> np.ndarray:
     return out
 
 
+def _kraft_units(lengths: np.ndarray) -> int:
+    """Kraft sum of the nonzero lengths, in units of 2^-15 (exact integers)."""
+    used = lengths[lengths > 0].astype(np.int64)
+    return int(np.sum(1 << (MAX_CODE_LENGTH - used)))
+
+
 def kraft_ok(lengths: np.ndarray) -> bool:
     """Whether the lengths can form a prefix code (Kraft sum at most 1)."""
-    used = lengths[lengths > 0].astype(np.int64)
-    return int(np.sum(1 << (MAX_CODE_LENGTH - used))) <= 1 << MAX_CODE_LENGTH
+    return _kraft_units(lengths) <= 1 << MAX_CODE_LENGTH
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
@@ -281,12 +286,10 @@ def _place(words: np.ndarray, run: np.ndarray, offsets: np.ndarray) -> None:
 def has_spare_codeword(lengths: np.ndarray) -> bool:
     """Whether exactly one codeword of the greatest length is unused (what
     :func:`huffman_lengths` writes), so :func:`deflate_prefix` applies."""
-    used = lengths[lengths > 0].astype(np.int64)
-    if used.size == 0:
+    longest = int(lengths.max(initial=0))
+    if longest == 0:
         return False
-    longest = int(used.max())
-    kraft = int(np.sum(1 << (longest - used)))  # in units of 2^-longest
-    return kraft == (1 << longest) - 1
+    return _kraft_units(lengths) == (1 << MAX_CODE_LENGTH) - (1 << (MAX_CODE_LENGTH - longest))
 
 
 def _deflate_header() -> bytes:
