@@ -343,26 +343,22 @@ def test_numpy_path_matches_torch_load(tmp_path, scheme):
                 assert same_bits(torch.from_numpy(a), t), name
 
 
+def small_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 5),
+    ).eval()
+
+
 def test_load_strict_into_model(tmp_path):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8 * 4 * 4, 5),
-    )
-    model.eval()
+    model = small_model()
     path = tmp_path / "model.qpk"
     qpack.save(model.state_dict(), path, bits=8)
-    fresh = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3),
-        torch.nn.BatchNorm2d(8),
-        torch.nn.ReLU(),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8 * 4 * 4, 5),
-    )
-    fresh.eval()
+    fresh = small_model()
     result = fresh.load_state_dict(qpack.load(path), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for name, t in model.state_dict().items():

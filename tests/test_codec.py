@@ -464,12 +464,19 @@ def test_data_checksum_names_tensor(tmp_path):
     bad = bytearray(data)
     bad[64] ^= 0x80  # first byte of layer.bias
     blob = frame(msgpack.packb(header, use_bin_type=True), bytes(bad))
+    path = every_reader_raises(blob, tmp_path, E.DataChecksumError, "data-checksum", B)
+    assert qpack.inspect(path)["tensors"][1]["name"] == B  # the header alone is fine
+
+
+def every_reader_raises(blob: bytes, tmp_path, cls, code: str, tensor: str):
+    """Every way of reading ``blob`` raises ``cls`` with ``code``, naming ``tensor``;
+    returns the file path the blob was written to."""
     path, readers = all_readers(blob, tmp_path)
     for _, read in readers:
-        with pytest.raises(E.DataChecksumError) as info:
+        with pytest.raises(cls) as info:
             read()
-        assert info.value.code == "data-checksum" and info.value.tensor == B
-    assert qpack.inspect(path)["tensors"][1]["name"] == B  # the header alone is fine
+        assert info.value.code == code and info.value.tensor == tensor
+    return path
 
 
 def test_nonzero_padding_bits_are_rejected(tmp_path):
@@ -480,11 +487,7 @@ def test_nonzero_padding_bits_are_rejected(tmp_path):
     bad[4] |= 0x80
     header["tensors"][0]["crc32"] = zlib.crc32(bytes(bad[:5]))
     blob = frame(msgpack.packb(header, use_bin_type=True), bytes(bad))
-    _, readers = all_readers(blob, tmp_path)
-    for _, read in readers:
-        with pytest.raises(E.DataError) as info:
-            read()
-        assert info.value.code == "bad-data" and info.value.tensor == W
+    every_reader_raises(blob, tmp_path, E.DataError, "bad-data", W)
 
 
 @pytest.mark.parametrize("where", ["header_padding", "between_tensors"])
@@ -495,11 +498,7 @@ def test_nonzero_alignment_padding_is_rejected(tmp_path, where):
     position = 24 + header_len if where == "header_padding" else start + 5
     assert bad[position] == 0
     bad[position] = 0x01
-    _, readers = all_readers(bytes(bad), tmp_path)
-    for _, read in readers:
-        with pytest.raises(E.DataError) as info:
-            read()
-        assert info.value.code == "bad-data"
+    every_reader_raises(bytes(bad), tmp_path, E.DataError, "bad-data", None)
 
 
 def test_trailing_bytes_are_rejected():
