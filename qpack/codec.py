@@ -57,8 +57,8 @@ def cpu_count() -> int:
     """CPUs this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
+    except (AttributeError, OSError):  # not on every platform
+        return max(1, os.cpu_count() or 1)
 
 
 Dequantizer = Callable[[TensorEntry, np.ndarray, "np.ndarray | None"], np.ndarray]

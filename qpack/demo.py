@@ -23,6 +23,7 @@ import torch
 from .api import load, save
 from .budget import OPTION_SCHEMES, Allocator
 from .cli import CheckpointError, read_checkpoint
+from .codec import cpu_count
 from .schemes import DEFAULT_SCHEME, SCHEMES
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
 from .unet import UNet, default_checkpoint_path, make_evaluator
@@ -44,14 +45,6 @@ DEFAULT_SAMPLES = 300
 BATCH_SIZE = 100
 #: How the float32 row's size is measured.
 FLOAT_SIZE_BASIS = "float32 state_dict written with torch.save"
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def predict(model: torch.nn.Module, x: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
