@@ -652,18 +652,14 @@ def decode_payload(
     out)``, if given, does the last step instead of :func:`decode_codes_values`: the same
     values by other means (e.g. torch's multithreaded kernels)."""
     if entry.storage == "raw":
+        check_raw(entry, data, path)
         stored = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype])
-        if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
-            raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
         if out is None:
             out = stored.astype(stored.dtype.newbyteorder("="))
         else:
             out[...] = stored
         return out.reshape(entry.shape)
-    if not decodes_finite(entry.bits, entry.scale, entry.zero_point):
-        raise E.HeaderError(
-            "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
-        )
+    check_decodes_finite(entry, path)
     # only the fixed-width unpacker writes codes into a buffer of ours
     unpacked = entry.storage == "packed" and entry.bits < 8
     codes = decode_codes(entry, data, path, scratch("codes", entry.numel) if unpacked else None)
@@ -680,11 +676,30 @@ def decode_codes(
     return _packed_codes(entry, data, path, out)
 
 
-def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.ndarray:
+def check_raw(entry: TensorEntry, data, path=None) -> None:
+    """Reject raw bytes no value of the dtype has (bool bytes other than 0 and 1)."""
+    if entry.dtype == "bool" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
+        raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
+
+
+def check_decodes_finite(entry: TensorEntry, path=None) -> None:
+    """Reject a quantized tensor whose scale and zero point overflow float32."""
+    if not decodes_finite(entry.bits, entry.scale, entry.zero_point):
+        raise E.HeaderError(
+            "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
+        )
+
+
+def check_packed_padding(entry: TensorEntry, data, path=None) -> None:
+    """Reject fixed-width codes whose padding bits are not zero."""
     if not padding_is_zero(data, entry.bits, entry.numel):
         raise E.DataError(
             "padding bits after the last code are not zero", path=path, tensor=entry.name
         )
+
+
+def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.ndarray:
+    check_packed_padding(entry, data, path)
     if entry.bits == 8:  # the bytes are the codes: no copy
         return np.frombuffer(data, dtype=np.uint8, count=entry.numel)
     return unpack_codes(data, entry.bits, entry.numel, out)

@@ -21,10 +21,14 @@ import numpy as np
 import torch
 
 from . import errors as E
-from .bitpack import padding_is_zero
-from .codec import decode_codes, decode_codes_values
+from .codec import (
+    check_decodes_finite,
+    check_packed_padding,
+    check_raw,
+    decode_codes,
+    decode_codes_values,
+)
 from .container import DTYPE_SIZES, TensorEntry
-from .schemes import decodes_finite
 
 __all__ = ["decode_on_device", "dequantize_cpu"]
 
@@ -54,18 +58,12 @@ def decode_on_device(
             f"unsupported storage kind {entry.storage!r}", path=path, tensor=entry.name
         )
     # the same checks, in the same order, as codec.decode_payload
-    if not decodes_finite(entry.bits, entry.scale, entry.zero_point):
-        raise E.HeaderError(
-            "scale * (code - zero_point) overflows float32", path=path, tensor=entry.name
-        )
+    check_decodes_finite(entry, path)
     if entry.storage == "huffman":
         data = payload if isinstance(payload, bytes) else buf.tobytes()
         codes = _upload(decode_codes(entry, data, path), device)
     else:
-        if not padding_is_zero(buf, entry.bits, entry.numel):
-            raise E.DataError(
-                "padding bits after the last code are not zero", path=path, tensor=entry.name
-            )
+        check_packed_padding(entry, buf, path)
         codes = _unpack(_upload(buf, device), entry.bits, entry.numel)
     dtype = getattr(torch, entry.dtype)
     if entry.numel == 0:
@@ -90,8 +88,7 @@ def _upload(buf: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _raw(entry: TensorEntry, buf: np.ndarray, device: torch.device, path: object) -> torch.Tensor:
     """Raw little-endian elements: move the bytes, then reinterpret them on the device."""
-    if entry.dtype == "bool" and buf.max(initial=0) > 1:
-        raise E.DataError("bool bytes must be 0 or 1", path=path, tensor=entry.name)
+    check_raw(entry, buf, path)
     dtype = getattr(torch, entry.dtype)  # bfloat16 bits are a binary32's top half: as is
     if entry.numel == 0:
         return torch.empty(entry.shape, dtype=dtype, device=device)
