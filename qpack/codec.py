@@ -510,24 +510,20 @@ class Reader:
 
     # -- plumbing
     def _read_at(self, offset: int, size: int, into: np.ndarray | None = None):
-        """``size`` bytes at ``offset``: new bytes, or a view of ``into`` (a uint8 array of
-        at least ``size`` bytes, filled in place; reusing it spares fresh pages)."""
+        """``size`` bytes at ``offset``: a new bytearray, or a view of ``into`` (a uint8
+        array of at least ``size`` bytes, filled in place; reusing it spares fresh pages)."""
         if self._buffer is not None:
             view = self._buffer[offset : offset + size]
-            return bytes(view) if into is None else view
-        if into is None:
-            into = np.empty(size, dtype=np.uint8)
-            owned = True
-        else:
-            owned = False
-        view = memoryview(into)[:size]
+            return bytearray(view) if into is None else view
+        target = bytearray(size) if into is None else into
+        view = memoryview(target)[:size]
         done = 0
         while done < size:
             got = _preadv(self._file.fileno(), view[done:], offset + done)
             if not got:
                 raise E.TruncatedError("file ended early while reading", path=self.path)
             done += got
-        return bytes(view) if owned else view
+        return target if into is None else view
 
     def close(self) -> None:
         if self._file is not None:

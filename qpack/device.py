@@ -60,7 +60,7 @@ def decode_on_device(
     # the same checks, in the same order, as codec.decode_payload
     check_decodes_finite(entry, path)
     if entry.storage == "huffman":
-        data = payload if isinstance(payload, bytes) else buf.tobytes()
+        data = payload if isinstance(payload, (bytes, bytearray)) else buf.tobytes()
         codes = _upload(decode_codes(entry, data, path), device)
     else:
         check_packed_padding(entry, buf, path)
