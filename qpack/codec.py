@@ -359,7 +359,8 @@ def serialize(
     spool: BinaryIO | None = None,
 ) -> Iterator[bytes | np.ndarray]:
     """Lay out encoded tensors canonically; yields the header, padding and payloads in
-    order. A payload of None is read from ``spool``, where the payloads lie back to back."""
+    order. A payload of None lies in ``spool``, where such payloads lie back to back; it
+    is yielded as a :class:`SpoolRange` (``bytes(...)`` of one reads it)."""
     entries = [entry for entry, _ in encoded]
     data_size = layout(entries)
     head = build_header(entries, dict(metadata), data_size)
@@ -367,20 +368,56 @@ def serialize(
     data_start = align(len(head))
     yield bytes(data_start - len(head))
     position = data_start
-    if spool is not None:
-        spool.seek(0)
+    spooled = 0
     for entry, payload in encoded:
         start = data_start + entry.offset
         if start > position:
             yield bytes(start - position)
         if payload is None:
-            for done in range(0, entry.length, CHUNK):
-                yield spool.read(min(CHUNK, entry.length - done))
+            yield SpoolRange(spool, spooled, entry.length)
+            spooled += entry.length
         else:
             view = memoryview(payload).cast("B")
             for done in range(0, entry.length, CHUNK):
                 yield view[done : done + CHUNK]
         position = start + entry.length
+
+
+class SpoolRange:
+    """``length`` bytes at ``offset`` of an open file: a chunk that :func:`write_atomic`
+    copies file to file inside the kernel instead of through Python."""
+
+    def __init__(self, file: BinaryIO, offset: int, length: int):
+        self.file, self.offset, self.length = file, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        self.file.seek(self.offset)
+        return self.file.read(self.length)
+
+    def copy_to(self, out: BinaryIO) -> None:
+        """Append the range to ``out`` (both plain files; ``out`` is flushed first)."""
+        out.flush()
+        src, dst = self.file.fileno(), out.fileno()
+        offset, left = self.offset, self.length
+        while left:
+            try:
+                done = os.copy_file_range(src, dst, min(left, 1 << 30), offset)
+            except (AttributeError, OSError):  # not Linux, or file systems it cannot join
+                done = 0
+            if not done:
+                break
+            offset, left = offset + done, left - done
+        out.seek(0, os.SEEK_END)
+        self.file.seek(offset)
+        while left:
+            chunk = self.file.read(min(left, CHUNK))
+            if not chunk:
+                raise OSError(f"spool file ended {left} bytes early")
+            out.write(chunk)
+            left -= len(chunk)
 
 
 def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) -> None:
@@ -395,7 +432,9 @@ def write_atomic(path: str | os.PathLike, chunks: Iterable[bytes | np.ndarray]) 
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
-                if len(chunk) >= SPARSE_MIN and not np.frombuffer(chunk, np.uint8).any():
+                if isinstance(chunk, SpoolRange):
+                    chunk.copy_to(out)
+                elif len(chunk) >= SPARSE_MIN and not np.frombuffer(chunk, np.uint8).any():
                     out.seek(len(chunk), os.SEEK_CUR)  # reads back as zeros
                 else:
                     out.write(chunk)

@@ -129,12 +129,13 @@ def _grid(lo: np.ndarray, hi: np.ndarray, top: int) -> tuple[np.ndarray, np.ndar
 
 def _codes_into(rows, scale, zero, top, out) -> np.ndarray:
     """``out = clip(round(w / scale) + zero, 0, top)`` for one block, evaluated in float64;
-    returns ``codes - zero`` as float64. (Clipping to ``[-zero, top - zero]`` before adding
-    the integer zero point gives the same codes, and the add writes them in one pass.)"""
+    returns the codes as float64. (Adding the integer zero point before clipping keeps the
+    clip's bounds scalar, which numpy does several times faster than per-row bounds.)"""
     t = np.divide(rows, scale.astype(np.float64)[:, None])
     np.rint(t, out=t)
-    np.clip(t, -zero[:, None], top - zero[:, None], out=t)
-    np.add(t, zero[:, None], out=out, casting="unsafe")
+    np.add(t, zero[:, None], out=t)
+    np.clip(t, 0, top, out=t)
+    np.copyto(out, t, casting="unsafe")
     return t
 
 
@@ -199,6 +200,7 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
         for ratio in CLIP_RATIOS:
             s, z = _grid(lo[r] * ratio, hi[r] * ratio, top)
             q = _codes_into(block, s, z, top, trial)
+            q -= z[:, None]
             q *= s.astype(np.float64)[:, None]
             q -= block
             err = np.einsum("ij,ij->i", q, q)
