@@ -695,6 +695,8 @@ def decode_payload(
             out[...] = stored
         return out.reshape(entry.shape)
     check_decodes_finite(entry, path)
+    if entry.storage == "huffman" and entry.scale.size == 1:
+        return _huffman_values(entry, data, path, out)
     # only the fixed-width unpacker writes codes into a buffer of ours
     unpacked = entry.storage == "packed" and entry.bits < 8
     codes = decode_codes(entry, data, path, scratch("codes", entry.numel) if unpacked else None)
@@ -741,12 +743,59 @@ def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.
 
 
 def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
+    symbols = _huffman_symbols(entry, data, path)
+    codes, spare = ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
+    if spare.any():
+        _nonzero_code_padding(entry, path)
+    return codes
+
+
+TAKE_BLOCK = 1 << 14
+
+
+def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | None) -> np.ndarray:
+    """A Huffman-coded tensor with one scale and zero point, decoded by one table lookup
+    per symbol: the table holds the float32 values of all of a symbol's codes, computed
+    with the spec's operations, so the values are those of ungrouping then dequantizing."""
+    symbols = _huffman_symbols(entry, data, path)
+    group, numel = entry.group, entry.numel
+    whole, rest = divmod(numel, group)
+    if rest and symbols[-1] >> (rest * entry.bits):
+        _nonzero_code_padding(entry, path)
+    alphabet = 1 << (group * entry.bits)
+    every = np.arange(alphabet, dtype=np.uint8)
+    codes, _ = ungroup_symbols(every, entry.bits, group, alphabet * group)
+    table = dequantize(codes, entry.scale, entry.zero_point).reshape(alphabet, group)
+    if out is None:
+        out = np.empty(numel, dtype=np.float32)
+    rows = out[: whole * group].reshape(whole, group)
+    if group <= 2:  # a symbol's values fill one machine word: a faster take
+        word = f"<u{4 * group}"
+        table, rows = table.view(word).reshape(-1), rows.view(word).reshape(-1)
+    # np.take widens indices to intp: blocks keep that copy small enough for malloc to
+    # reuse (a fresh one page-faults). mode="clip" (symbols are always in range) spares
+    # the temporary copy of `out` that mode="raise" makes.
+    for start in range(0, whole, TAKE_BLOCK):
+        stop = min(start + TAKE_BLOCK, whole)
+        np.take(table, symbols[start:stop], axis=0, out=rows[start:stop], mode="clip")
+    if rest:
+        out[whole * group :] = table[symbols[-1], :rest]
+    return out.reshape(entry.shape)
+
+
+def _nonzero_code_padding(entry: TensorEntry, path) -> None:
+    raise E.DataError("codes padding the last symbol are not zero", path=path, tensor=entry.name)
+
+
+def _huffman_symbols(entry: TensorEntry, data: bytes, path) -> np.ndarray:
+    """The checked symbols of a Huffman-coded tensor (the stream fills its bytes exactly
+    and the padding bits after it are zero)."""
     count = -(-entry.numel // entry.group)
     try:
         symbols, used = decode_symbols(data, entry.code_lengths, count)
-    except ValueError:
+    except ValueError as exc:
         raise E.DataError(
-            f"Huffman stream ends early or holds an invalid codeword ({count} symbols expected)",
+            f"Huffman stream {exc} ({count} symbols expected)",
             path=path,
             tensor=entry.name,
         ) from None
@@ -760,12 +809,7 @@ def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
         raise E.DataError(
             "padding bits after the last codeword are not zero", path=path, tensor=entry.name
         )
-    codes, spare = ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
-    if spare.any():
-        raise E.DataError(
-            "codes padding the last symbol are not zero", path=path, tensor=entry.name
-        )
-    return codes
+    return symbols
 
 
 def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:

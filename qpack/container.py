@@ -26,7 +26,7 @@ import numpy as np
 from . import errors as E
 from ._zlib import crc32
 from .bitpack import packed_size
-from .entropy import kraft_ok, pack_lengths, unpack_lengths
+from .entropy import MAX_CODE_LENGTH, length_stats, pack_lengths, unpack_lengths
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
 VERSION = (1, 1)  # the newest version this module reads and writes
@@ -421,20 +421,19 @@ def _validate_huffman(entry: TensorEntry, raw: dict, path) -> None:
     if type(packed_lengths) is not bytes or len(packed_lengths) != packed_size(alphabet, 4):
         _fail(path, f"code_lengths must be {packed_size(alphabet, 4)} bytes of 4-bit lengths", name)
     lengths = unpack_lengths(packed_lengths, alphabet)
-    if not kraft_ok(lengths):
+    shortest, longest, kraft = length_stats(lengths)
+    if kraft > 1 << MAX_CODE_LENGTH:
         _fail(path, "code_lengths are over-subscribed (Kraft sum above 1)", name)
     symbols = -(-entry.numel // group)
-    used = lengths[lengths > 0]
-    if symbols and not used.size:
+    if symbols and not longest:
         _fail(path, "code_lengths assign no codeword", name)
-    low = packed_size(symbols, int(used.min())) if symbols else 0
-    high = packed_size(symbols, int(used.max())) if symbols else 0
+    low = packed_size(symbols, shortest) if symbols else 0
+    high = packed_size(symbols, longest) if symbols else 0
     if not low <= entry.length <= high:
         _fail(
             path,
             f"length {entry.length} cannot hold {symbols} codewords of "
-            f"{int(used.min()) if symbols else 0} to {int(used.max()) if symbols else 0} "
-            "bits",
+            f"{shortest if symbols else 0} to {longest if symbols else 0} bits",
             name,
             E.LayoutError,
         )

@@ -31,6 +31,7 @@ __all__ = [
     "huffman_lengths",
     "canonical_codes",
     "kraft_ok",
+    "length_stats",
     "encode_symbols",
     "decode_symbols",
     "pack_lengths",
@@ -181,15 +182,20 @@ def _tree_depths(weights: np.ndarray) -> np.ndarray:
     return out
 
 
-def _kraft_units(lengths: np.ndarray) -> int:
-    """Kraft sum of the nonzero lengths, in units of 2^-15 (exact integers)."""
-    used = lengths[lengths > 0].astype(np.int64)
-    return int(np.sum(1 << (MAX_CODE_LENGTH - used)))
+def length_stats(lengths: np.ndarray) -> tuple[int, int, int]:
+    """(shortest, longest, Kraft sum in units of 2^-15) of the nonzero code lengths, all
+    exact integers; (0, 0, 0) when every length is 0. One pass: a count per length."""
+    counts = np.bincount(lengths, minlength=MAX_CODE_LENGTH + 1).tolist()
+    used = [n for n in range(1, len(counts)) if counts[n]]
+    if not used:
+        return 0, 0, 0
+    units = sum(counts[n] << (MAX_CODE_LENGTH - n) for n in used)
+    return used[0], used[-1], units
 
 
 def kraft_ok(lengths: np.ndarray) -> bool:
     """Whether the lengths can form a prefix code (Kraft sum at most 1)."""
-    return _kraft_units(lengths) <= 1 << MAX_CODE_LENGTH
+    return length_stats(lengths)[2] <= 1 << MAX_CODE_LENGTH
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
@@ -286,10 +292,8 @@ def _place(words: np.ndarray, run: np.ndarray, offsets: np.ndarray) -> None:
 def has_spare_codeword(lengths: np.ndarray) -> bool:
     """Whether exactly one codeword of the greatest length is unused (what
     :func:`huffman_lengths` writes), so :func:`deflate_prefix` applies."""
-    longest = int(lengths.max(initial=0))
-    if longest == 0:
-        return False
-    return _kraft_units(lengths) == (1 << MAX_CODE_LENGTH) - (1 << (MAX_CODE_LENGTH - longest))
+    _, longest, units = length_stats(lengths)
+    return longest > 0 and units == (1 << MAX_CODE_LENGTH) - (1 << (MAX_CODE_LENGTH - longest))
 
 
 def _deflate_header() -> bytes:
@@ -337,18 +341,22 @@ def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.nda
     """Decode ``count`` symbols; returns them and the number of stream bits they used.
 
     Raises ValueError when the stream ends early or holds a bit pattern that is no code.
+    Through the DEFLATE route the returned count is exact only for a stream that fills
+    its bytes with zero padding (fewer than 8 bits); any other raises ValueError there.
     """
     if count == 0:
         return np.zeros(0, dtype=np.uint8), 0
     if has_spare_codeword(lengths):
-        symbols = _inflate(data, lengths, count)
-    else:
+        return _inflate(data, lengths, count)
+    try:
         symbols = _bitarray_decode(data, lengths, count)
+    except ValueError:
+        raise ValueError("ends early or holds an invalid codeword") from None
     per_symbol = np.zeros(256, dtype=np.int64)
     per_symbol[: lengths.size] = lengths
     used_bits = int(_histogram(symbols) @ per_symbol)
-    if used_bits > 8 * len(data):  # the last symbols were read from _inflate's padding
-        raise ValueError("stream ended early")
+    if used_bits > 8 * len(data):
+        raise ValueError("ends early")
     return symbols, used_bits
 
 
@@ -365,17 +373,66 @@ def _histogram(symbols: np.ndarray) -> np.ndarray:
     return total
 
 
-def _inflate(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
-    # Zero bytes after the stream let an inflater that reads ahead decode the last codeword
-    # (ISA-L does); symbols that come from them are caught by the used-bit count.
-    stream = b"".join((deflate_prefix(lengths), data, bytes(8)))
+# After the stream: 8 zero bits, then ones. Whatever the padding p (0..7 zero bits), the
+# inflater decodes the p + 8 zeros as a short, predictable tail of symbols and then meets
+# end-of-block, the all-ones spare codeword; the tail tells p, hence the used bit count,
+# without summing the code lengths of every symbol. Eight bytes of ones also cover ISA-L's
+# read-ahead.
+_TRAILER = b"\x00" + b"\xff" * 8
+_TAIL_MAX = 17  # at most 15 all-zero codewords (for p + 8 <= 15 bits) and one more
+
+
+def _inflate(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """Symbols and used bits of a stream whose lengths have a spare codeword."""
+    inflater = decompressobj(-15)
     try:
-        out = decompressobj(-15).decompress(stream, count)
-    except ERRORS:  # a pattern that is no codeword
-        raise ValueError("invalid codeword") from None
-    if len(out) < count:  # ran out of bytes, or met the spare codeword (end of block)
-        raise ValueError("stream ended early")
-    return np.frombuffer(out, dtype=np.uint8)
+        out = inflater.decompress(
+            b"".join((deflate_prefix(lengths), data, _TRAILER)), count + _TAIL_MAX
+        )
+    except ERRORS:  # a pattern that is no codeword (only with a bad prefix)
+        raise ValueError("holds an invalid codeword") from None
+    if len(out) < count:
+        raise ValueError("ends early")
+    if not inflater.eof:  # more symbols than expected
+        raise ValueError("does not end in its last byte")
+    zeros, ones = _tail_bits(lengths, out[count:])
+    padding = zeros - 8
+    if not 0 <= padding < 8:
+        raise ValueError("does not end in its last byte with zero padding")
+    # end-of-block must come from the trailer's ones, not from stray bits in the data
+    end = 8 * len(data) + 8 + ones + int(lengths.max())
+    if len(inflater.unused_data) != len(data) + len(_TRAILER) - -(-end // 8):
+        raise ValueError("does not end in its last byte")
+    return np.frombuffer(out, dtype=np.uint8, count=count), 8 * len(data) - padding
+
+
+def _tail_bits(lengths: np.ndarray, tail: bytes) -> tuple[int, int]:
+    """The zero bits and then one bits (before end-of-block) that decode to ``tail``:
+    a run of the all-zero codeword, then at most one codeword of the form 0...01...1.
+    (-1, 0) when the tail has another shape."""
+    shortest, _, _ = length_stats(lengths)
+    first = int(np.flatnonzero(lengths == shortest)[0])  # the all-zero codeword
+    run = len(tail) - len(tail.lstrip(bytes([first])))
+    rest = tail[run:]
+    if not rest:
+        return run * shortest, 0
+    if len(rest) > 1:
+        return -1, 0
+    value, width = _codeword(lengths, rest[0])
+    ones = value.bit_length()
+    if value != (1 << ones) - 1 or ones == width:  # not 0...01...1 (all ones is end-of-block)
+        return -1, 0
+    return run * shortest + width - ones, ones
+
+
+def _codeword(lengths: np.ndarray, symbol: int) -> tuple[int, int]:
+    """Canonical codeword value and length of one symbol (RFC 1951, 3.2.2)."""
+    width = int(lengths[symbol])
+    counts = np.bincount(lengths, minlength=MAX_CODE_LENGTH + 1).tolist()
+    code = 0
+    for n in range(1, width):
+        code = (code + counts[n]) << 1
+    return code + int(np.count_nonzero(lengths[:symbol] == width)), width
 
 
 def _bitarray_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:

@@ -58,11 +58,57 @@ def test_encoder_matches_the_spec_and_both_decoders_invert_it(data):
     lengths = H.huffman_lengths(np.bincount(symbols, minlength=alphabet))
     stream = H.encode_symbols(symbols, lengths).tobytes()
     assert stream == naive_encode(symbols, lengths)
-    for decode in (H._inflate, H._bitarray_decode):
-        assert decode(stream, lengths, symbols.size).tolist() == symbols.tolist()
-    decoded, used = H.decode_symbols(stream, lengths, symbols.size)
+    assert H._bitarray_decode(stream, lengths, symbols.size).tolist() == symbols.tolist()
+    decoded, used = H._inflate(stream, lengths, symbols.size)
     assert decoded.tolist() == symbols.tolist()
     assert used == int(lengths[symbols].astype(np.int64).sum())
+    assert H.decode_symbols(stream, lengths, symbols.size)[0].tolist() == symbols.tolist()
+
+
+def reference_decode(stream, lengths, count):
+    """What a spec decoder accepts, bit by bit: ``count`` codewords that end in the last
+    byte, followed by zero padding. Returns (symbols, used bits), or None."""
+    try:
+        symbols = H._bitarray_decode(stream, lengths, count)
+    except ValueError:
+        return None
+    used = int(lengths[symbols].astype(np.int64).sum())
+    if -(-used // 8) != len(stream) or (used % 8 and stream[-1] >> (used % 8)):
+        return None
+    return symbols.tolist(), used
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_inflate_route_accepts_exactly_what_a_bit_by_bit_decoder_accepts(data):
+    """The DEFLATE route learns the used bit count from the symbols it decodes past the
+    stream (see entropy._TRAILER) instead of summing lengths: on valid streams, streams
+    cut short, extended, or with set padding bits, it must agree with the reference."""
+    alphabet = data.draw(st.sampled_from([2, 4, 16, 256]))
+    symbols = np.array(
+        data.draw(st.lists(st.integers(0, alphabet - 1), min_size=1, max_size=300)),
+        dtype=np.uint8,
+    )
+    lengths = H.huffman_lengths(np.bincount(symbols, minlength=alphabet))
+    stream = bytearray(H.encode_symbols(symbols, lengths).tobytes())
+    count = max(1, symbols.size + data.draw(st.sampled_from([0, 0, 0, -1, 1, 2])))
+    edit = data.draw(st.sampled_from(["none", "append", "cut", "pad", "flip"]))
+    if edit == "append":
+        stream += bytes(data.draw(st.lists(st.integers(0, 255), min_size=1, max_size=3)))
+    elif edit == "cut" and len(stream) > 1:
+        del stream[-1]
+    elif edit == "pad":
+        stream[-1] |= 1 << data.draw(st.integers(0, 7))
+    elif edit == "flip":
+        stream[data.draw(st.integers(0, len(stream) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    stream = bytes(stream)
+    expected = reference_decode(stream, lengths, count)
+    try:
+        decoded, used = H._inflate(stream, lengths, count)
+        got = (decoded.tolist(), used)
+    except ValueError:
+        got = None
+    assert got == expected
 
 
 def test_encoder_spans_block_boundaries():
