@@ -141,20 +141,22 @@ def _decode_into_torch(reader: Reader):
 
 
 def _torch_out(entry) -> tuple[torch.Tensor, np.ndarray]:
-    """A flat CPU tensor to decode ``entry`` into, and the numpy view the decoder writes:
-    float32 for quantized tensors, else the stored dtype (bfloat16 as its bit patterns)."""
+    """A CPU tensor of the entry's shape to decode into, and the flat numpy view the
+    decoder writes: float32 for quantized tensors, else the stored dtype (bfloat16 as its
+    bit patterns)."""
     import torch
 
     quantized = entry.storage != "raw"
-    tensor = torch.empty(entry.numel, dtype=torch.float32 if quantized else _dtype(entry))
+    tensor = torch.empty(entry.shape, dtype=torch.float32 if quantized else _dtype(entry))
     if entry.dtype == "bfloat16" and not quantized:
-        return tensor, tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor, tensor.numpy()
+        return tensor, tensor.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+    return tensor, tensor.numpy().reshape(-1)
 
 
 def _finish(entry, tensor: torch.Tensor) -> torch.Tensor:
-    """A decoded flat tensor in the entry's shape and original dtype."""
-    return tensor.reshape(entry.shape).to(_dtype(entry))
+    """A decoded tensor (made by :func:`_torch_out`) in its original dtype."""
+    dtype = _dtype(entry)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _dtype(entry) -> torch.dtype:

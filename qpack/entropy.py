@@ -319,7 +319,7 @@ def _deflate_header() -> bytes:
 
 _DEFLATE_HEADER = _deflate_header()
 # A code-length codeword is the 4-bit length itself, written MSB first: bit-reversed nibble.
-_NIBBLE_REVERSED = np.array([int(f"{v:04b}"[::-1], 2) for v in range(16)], dtype=np.uint8)
+_NIBBLE_REVERSED = bytes(int(f"{v:04b}"[::-1], 2) for v in range(16)) + bytes(240)
 
 
 def deflate_prefix(lengths: np.ndarray) -> bytes:
@@ -334,7 +334,8 @@ def deflate_prefix(lengths: np.ndarray) -> bytes:
     table = np.zeros(258, dtype=np.uint8)  # 256 literals, end-of-block, one distance code
     table[: lengths.size] = lengths
     table[256] = lengths.max()
-    return _DEFLATE_HEADER + pack_codes(_NIBBLE_REVERSED[table], 4).tobytes()
+    nibbles = np.frombuffer(table.tobytes().translate(_NIBBLE_REVERSED), dtype=np.uint8)
+    return _DEFLATE_HEADER + (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
 
 
 def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.ndarray, int]:
@@ -410,8 +411,8 @@ def _tail_bits(lengths: np.ndarray, tail: bytes) -> tuple[int, int]:
     """The zero bits and then one bits (before end-of-block) that decode to ``tail``:
     a run of the all-zero codeword, then at most one codeword of the form 0...01...1.
     (-1, 0) when the tail has another shape."""
-    shortest, _, _ = length_stats(lengths)
-    first = int(np.flatnonzero(lengths == shortest)[0])  # the all-zero codeword
+    shortest = int(lengths[lengths > 0].min())
+    first = int(np.argmax(lengths == shortest))  # the all-zero codeword
     run = len(tail) - len(tail.lstrip(bytes([first])))
     rest = tail[run:]
     if not rest:
