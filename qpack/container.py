@@ -76,6 +76,7 @@ QUANTIZED_KINDS = ("packed", "huffman")
 GRANULARITIES = ("tensor", "channel")
 
 _PREAMBLE = struct.Struct("<8sHHIQ")
+_F32 = struct.Struct("<f")
 
 
 def align(n: int) -> int:
@@ -268,6 +269,11 @@ def _text(value, what: str, path, tensor=None) -> str:
 def _f32_array(value, count: int, what: str, path, tensor) -> np.ndarray:
     if type(value) is not bytes or len(value) != 4 * count:
         _fail(path, f"{what} must be {4 * count} bytes of float32 ({count} values)", tensor)
+    if count == 1:  # the common per-layer case, without numpy's per-call overhead
+        (number,) = _F32.unpack(value)
+        if not math.isfinite(number):
+            _fail(path, f"{what} holds a NaN or infinite value", tensor)
+        return np.array([number], dtype=np.float32)
     arr = np.frombuffer(value, dtype="<f4").astype(np.float32)
     if not np.isfinite(arr).all():
         _fail(path, f"{what} holds a NaN or infinite value", tensor)
@@ -343,7 +349,10 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
     shape = raw["shape"]
     if type(shape) is not list or len(shape) > MAX_RANK:
         _fail(path, f"shape must be an array of at most {MAX_RANK} dimensions", name)
-    dims = tuple(_uint(d, "each dimension", path, name, MAX_ELEMENTS + 1) for d in shape)
+    dims = tuple(shape)
+    if not all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in dims):
+        for d in dims:
+            _uint(d, "each dimension", path, name, MAX_ELEMENTS + 1)
     # Zero dimensions count as 1 here: numpy (like any array library) must be able to
     # describe the shape, even when it holds no element.
     if math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
