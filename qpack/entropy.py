@@ -257,12 +257,14 @@ def encode_symbols(
     whole = symbols.size // 4 * 4
     base = 0
     for start in range(0, whole, BLOCK):
-        pairs = symbols[start : min(whole, start + BLOCK)].view("<u2").astype(np.intp)
-        pairs = pairs.reshape(-1, 2).T  # first and second pair of each run of four
-        run = np.take(pair_code, pairs[0])
-        shift = np.take(pair_size, pairs[0])
-        run |= np.take(pair_code, pairs[1]) << shift
-        shift += np.take(pair_size, pairs[1])
+        pairs = symbols[start : min(whole, start + BLOCK)].view("<u2")
+        # first and second pair of each run of four, as contiguous indices; mode="clip"
+        # (every pair is in range) skips the bounds check
+        first, second = pairs[0::2].astype(np.intp), pairs[1::2].astype(np.intp)
+        run = np.take(pair_code, first, mode="clip")
+        shift = np.take(pair_size, first, mode="clip")
+        run |= np.take(pair_code, second, mode="clip") << shift
+        shift += np.take(pair_size, second, mode="clip")
         offsets = np.cumsum(shift)
         offsets -= shift
         offsets += np.uint64(base)
