@@ -510,7 +510,7 @@ def group_histograms(
                 hist[0] -= 1  # the second half of the last run was all padding
         else:
             symbols[group] = group_codes(codes, bits, group)
-            hist = np.bincount(symbols[group], minlength=alphabet)
+            hist = _histogram(symbols[group])[:alphabet]
         hists[group] = hist
     return dict(sorted(hists.items())), symbols
 
