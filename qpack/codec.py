@@ -709,7 +709,8 @@ def decode_payload(
             out[...] = stored
         return out.reshape(entry.shape)
     check_decodes_finite(entry, path)
-    if entry.storage == "huffman" and entry.scale.size == 1:
+    # group 1: the symbols are the codes, and the plain dequantizer is faster than a lookup
+    if entry.storage == "huffman" and entry.scale.size == 1 and entry.group > 1:
         return _huffman_values(entry, data, path, out)
     # only the fixed-width unpacker writes codes into a buffer of ours
     unpacked = entry.storage == "packed" and entry.bits < 8

@@ -15,6 +15,7 @@ bit for bit. (Subnormals are kept unless the caller turned on ``torch.set_flush_
 from __future__ import annotations
 
 import sys
+import warnings
 from functools import cache
 
 import numpy as np
@@ -154,6 +155,16 @@ def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor)
     return out
 
 
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory, which torch will only read. (torch warns about
+    read-only arrays, which may not be written; copying one would cost a pass.)"""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 # Below this many codes, starting torch's threads costs more than numpy's single pass.
 TORCH_MIN_CODES = 1 << 18
 
@@ -166,7 +177,5 @@ def dequantize_cpu(entry: TensorEntry, codes: np.ndarray, out: np.ndarray | None
     if out is None:
         out = np.empty(codes.size, dtype=np.float32)
     if codes.size:
-        if not codes.flags.writeable:  # torch wants writable memory; it only reads this
-            codes = codes.copy()
-        _dequantize_into(torch.from_numpy(codes), entry, torch.from_numpy(out))
+        _dequantize_into(_read_only_tensor(codes), entry, torch.from_numpy(out))
     return out.reshape(entry.shape)

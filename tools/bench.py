@@ -69,6 +69,7 @@ from qpack.unet import load_default
 
 BITS = (8, 4, 3)
 STORAGES = (("packed", False), ("entropy", True))
+PACK_DEFAULT = "qpack pack --bits N"
 GGUF_BLOCK = 32
 Q3K_BLOCK, Q3K_BYTES = 256, 110  # QK_K elements in 110 bytes; the last 2 are the f16 `d`
 SLOW_S = 20.0  # a measurement whose warm-up takes longer than this is timed once
@@ -379,6 +380,22 @@ def bench_qpack(res: Results, state: dict[str, torch.Tensor], tmp: Path) -> dict
     return files
 
 
+def bench_pack_default(res: Results, tmp: Path) -> None:
+    """Load time of the files ``qpack pack`` writes from the embedded checkpoint at
+    ``--bits 8`` and ``--bits 4`` (widths and schemes chosen per tensor for the model's
+    output, Huffman-coded): the file the UNet ships as. The packing itself (a bit
+    allocation that evaluates the model, about 20 s) is not timed."""
+    from qpack.unet import default_checkpoint_path
+
+    for bits in (8, 4):
+        path = tmp / f"{res.name}-pack-{bits}.qpk"
+        pack = ["pack", str(default_checkpoint_path()), "-o", str(path), "--bits", str(bits)]
+        subprocess.run([sys.executable, "-m", "qpack", *pack], check=True, capture_output=True)
+        size = path.stat().st_size
+        res.time("qpack load", bits, PACK_DEFAULT, lambda path=path: qpack.load(path), nbytes=size)
+        path.unlink()
+
+
 # ----------------------------------------------------------------------- baselines
 
 
@@ -474,6 +491,14 @@ def add_ratios(res: Results, unet: bool) -> None:
                 target_save,
             )
     torch_row = res.find("torch.load", 32, "float32 .pt")
+    for bits in (8, 4):
+        res.ratio(
+            f"qpack load `{PACK_DEFAULT}` file, N={bits} / torch.load float32 .pt",
+            res.find("qpack load", bits, PACK_DEFAULT),
+            torch_row,
+            1.0,
+            strict=True,
+        )
     for storage, _ in STORAGES:
         for bits in BITS:
             # the issue's claim is about the UNet; on conv19m the ratio is information only
@@ -622,12 +647,19 @@ def report(info: dict[str, str], results: list[Results], markdown: bool) -> str:
 
 
 def run_workload(
-    name: str, state: dict[str, torch.Tensor], repeat: int, tmp: Path, device: str
+    name: str,
+    state: dict[str, torch.Tensor],
+    repeat: int,
+    tmp: Path,
+    device: str,
+    quick: bool = False,
 ) -> Results:
     names = quantized_names(state)
     res = Results(name, n_params(state), sum(state[k].numel() for k in names), repeat)
     print(f"{name}: {res.params:,} params", file=sys.stderr, flush=True)
     files = bench_qpack(res, state, tmp)
+    if name == "unet" and not quick:
+        bench_pack_default(res, tmp)
     bench_gguf(res, state, names)
     bench_baselines(res, state, tmp)
     if device == "cuda" and torch.cuda.is_available():
@@ -698,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                 repeat = 1
             if args.repeat:
                 repeat = args.repeat
-            results.append(run_workload(name, state, repeat, tmp, args.device))
+            results.append(run_workload(name, state, repeat, tmp, args.device, args.quick))
             del state
             gc.collect()
     elapsed = time.perf_counter() - started
