@@ -164,16 +164,17 @@ def _tree_depths(weights: np.ndarray) -> np.ndarray:
     parent = [0] * (2 * n - 1)
     leaf, node = 0, n  # fronts of the two queues; internal node k sits at index n + k
     for made in range(n, 2 * n - 1):
-        picked = []
-        for _ in range(2):
-            if leaf < n and (node >= made or weight[leaf] <= weight[node]):
-                picked.append(leaf)
-                leaf += 1
-            else:
-                picked.append(node)
-                node += 1
-        weight[made] = weight[picked[0]] + weight[picked[1]]
-        parent[picked[0]] = parent[picked[1]] = made
+        # the lighter front twice (unrolled: this loop is the encoder's slowest Python)
+        if leaf < n and (node >= made or weight[leaf] <= weight[node]):
+            first, leaf = leaf, leaf + 1
+        else:
+            first, node = node, node + 1
+        if leaf < n and (node >= made or weight[leaf] <= weight[node]):
+            second, leaf = leaf, leaf + 1
+        else:
+            second, node = node, node + 1
+        weight[made] = weight[first] + weight[second]
+        parent[first] = parent[second] = made
     depth = [0] * (2 * n - 1)
     for k in range(2 * n - 3, -1, -1):  # the root is the last node made
         depth[k] = depth[parent[k]] + 1
@@ -199,30 +200,39 @@ def kraft_ok(lengths: np.ndarray) -> bool:
 
 
 def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """DEFLATE-style canonical code values for the given lengths (0 where unused)."""
+    """DEFLATE-style canonical code values for the given lengths (0 where unused): the
+    first code of each length as in RFC 1951 3.2.2, plus each symbol's rank among the
+    symbols of its length."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    codes = np.zeros(lengths.size, dtype=np.int64)
+    per_length = np.bincount(lengths, minlength=MAX_CODE_LENGTH + 1).tolist()
+    first = [0] * len(per_length)
     code = 0
-    previous = 0
-    for length in range(1, MAX_CODE_LENGTH + 1):
-        symbols = np.flatnonzero(lengths == length)
-        code <<= length - previous
-        previous = length
-        codes[symbols] = code + np.arange(symbols.size)
-        code += symbols.size
+    for n in range(1, len(per_length)):
+        code = (code + (per_length[n - 1] if n > 1 else 0)) << 1
+        first[n] = code
+    starts = np.cumsum([0] + per_length[:-1])  # where each length begins in sorted order
+    order = np.lexsort((np.arange(lengths.size), lengths))
+    ranked = lengths[order]
+    codes = np.zeros(lengths.size, dtype=np.int64)
+    codes[order] = np.array(first)[ranked] + np.arange(lengths.size) - starts[ranked]
+    codes[lengths == 0] = 0
     return codes
+
+
+_REVERSED_BYTE = np.array([int(f"{v:08b}"[::-1], 2) for v in range(256)], dtype=np.uint64)
 
 
 def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
     """Each symbol's canonical codeword with its bits reversed, as uint64: the value whose
     LSB-first bits are the codeword MSB first, ready to OR into an LSB-first stream."""
-    values = canonical_codes(lengths)
-    reversed_ = np.zeros(lengths.size, dtype=np.uint64)
-    for bit in range(MAX_CODE_LENGTH):
-        has = lengths > bit
-        top = (values >> np.maximum(lengths.astype(np.int64) - 1 - bit, 0)) & 1
-        reversed_[has] |= (top[has] << bit).astype(np.uint64)
-    return reversed_
+    values = canonical_codes(lengths).astype(np.uint64)  # < 2^15
+    reversed16 = (_REVERSED_BYTE[values & np.uint64(0xFF)] << np.uint64(8)) | _REVERSED_BYTE[
+        values >> np.uint64(8)
+    ]
+    return reversed16 >> (np.uint64(16) - np.asarray(lengths).astype(np.uint64))
+
+
+PAIR_TABLE_MIN = 1 << 15  # symbols from which encode_symbols looks up pairs of them
 
 
 def encode_symbols(
@@ -249,11 +259,17 @@ def encode_symbols(
     size = np.zeros(256, dtype=np.uint64)
     code[: lengths.size] = _reversed_codes(lengths)
     size[: lengths.size] = lengths
+    words = np.zeros(total // 64 + 2, dtype="<u8")
+    if symbols.size < PAIR_TABLE_MIN:  # building the pair tables would cost more
+        shift = np.take(size, symbols)
+        offsets = np.cumsum(shift)
+        offsets -= shift
+        _place(words, np.take(code, symbols), offsets)
+        return words.view(np.uint8)[: -(-total // 8)].copy()
     # pair index: first | second << 8, so the first symbol cycles fastest
     first_code, first_size = np.tile(code, 256), np.tile(size, 256)
     pair_code = first_code | (np.repeat(code, 256) << first_size)
     pair_size = first_size + np.repeat(size, 256)
-    words = np.zeros(total // 64 + 2, dtype="<u8")
     whole = symbols.size // 4 * 4
     base = 0
     for start in range(0, whole, BLOCK):

@@ -111,6 +111,21 @@ def test_inflate_route_accepts_exactly_what_a_bit_by_bit_decoder_accepts(data):
     assert got == expected
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=600))
+def test_pair_table_and_single_symbol_encoders_agree(values):
+    symbols = np.array(values, dtype=np.uint8)
+    lengths = H.huffman_lengths(np.bincount(symbols, minlength=256))
+    single = H.encode_symbols(symbols, lengths).tobytes()  # below PAIR_TABLE_MIN
+    saved = H.PAIR_TABLE_MIN
+    try:
+        H.PAIR_TABLE_MIN = 0
+        paired = H.encode_symbols(symbols, lengths).tobytes()
+    finally:
+        H.PAIR_TABLE_MIN = saved
+    assert single == paired == naive_encode(symbols, lengths)
+
+
 def test_encoder_spans_block_boundaries():
     rng = np.random.default_rng(5)
     symbols = np.minimum(rng.geometric(0.3, size=3 * H.BLOCK + 7) - 1, 255).astype(np.uint8)
