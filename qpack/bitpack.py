@@ -37,16 +37,18 @@ def _unpack_groups(src: np.ndarray, bits: int, dst: np.ndarray) -> None:
     uint64 and move each code to its own byte with a shift and a mask."""
     groups = src.shape[0]
     quads = dst.reshape(-1).view("<u4").reshape(groups, 2)
+    # mode="clip": every index is in range, and mode="raise" would write to a temporary
+    # copy of `out` (so that an error leaves it untouched) and copy that back
     if bits == 2:
-        np.take(_quad_table(2), src.astype(np.intp), out=quads)
+        np.take(_quad_table(2), src, out=quads, mode="clip")
         return
     if bits == 3:
         word = src[:, 0].astype(np.intp)
         word |= src[:, 1].astype(np.intp) << 8
         word |= src[:, 2].astype(np.intp) << 16
         table = _quad_table(3)
-        np.take(table, word & 0xFFF, out=quads[:, 0])
-        np.take(table, word >> 12, out=quads[:, 1])
+        np.take(table, word & 0xFFF, out=quads[:, 0], mode="clip")
+        np.take(table, word >> 12, out=quads[:, 1], mode="clip")
         return
     wide = np.zeros((groups, 8), dtype=np.uint8)
     wide[:, :bits] = src
