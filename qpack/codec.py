@@ -783,16 +783,16 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
     table = dequantize(codes, entry.scale, entry.zero_point).reshape(alphabet, group)
     if out is None:
         out = np.empty(numel, dtype=np.float32)
-    rows = out[: whole * group].reshape(whole, group)
+    rows, lookup = out[: whole * group].reshape(whole, group), table
     if group <= 2:  # a symbol's values fill one machine word: a faster take
         word = f"<u{4 * group}"
-        table, rows = table.view(word).reshape(-1), rows.view(word).reshape(-1)
+        lookup, rows = table.view(word).reshape(-1), rows.view(word).reshape(-1)
     # np.take widens indices to intp: blocks keep that copy small enough for malloc to
     # reuse (a fresh one page-faults). mode="clip" (symbols are always in range) spares
     # the temporary copy of `out` that mode="raise" makes.
     for start in range(0, whole, TAKE_BLOCK):
         stop = min(start + TAKE_BLOCK, whole)
-        np.take(table, symbols[start:stop], axis=0, out=rows[start:stop], mode="clip")
+        np.take(lookup, symbols[start:stop], axis=0, out=rows[start:stop], mode="clip")
     if rest:
         out[whole * group :] = table[symbols[-1], :rest]
     return out.reshape(entry.shape)
