@@ -494,17 +494,32 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
 def best_group(
     codes: np.ndarray, bits: int
 ) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
-    """The group size with the smallest stream plus code length table, judged by each
-    histogram's entropy bound (building a Huffman code for every candidate costs more
-    than it tells): (group, code lengths, stream bytes, symbols, symbol histogram)."""
+    """The group size with the smallest stream plus code length table:
+    (group, code lengths, stream bytes, symbols, symbol histogram).
+
+    Each group is first judged by a cheap estimate of its Huffman stream, the larger of
+    the histogram's entropy bound and one bit per symbol (no codeword is shorter: for
+    low-entropy codes that floor, not the entropy, decides, and it favours larger
+    groups); the two best are then coded for real and the smaller stream wins (ties go to
+    the smaller group)."""
     hists, symbols = group_histograms(codes, bits)
-    best = min(
-        hists, key=lambda g: _entropy_of_counts(hists[g]) / 8 + packed_size(1 << (g * bits), 4)
-    )
-    hist = hists[best]
-    chosen = symbols[best] if best in symbols else group_codes(codes, bits, best)
-    lengths = huffman_lengths(hist)
-    return best, lengths, math.ceil(stream_bits(hist, lengths) / 8), chosen, hist
+
+    def estimate(group: int) -> float:
+        hist = hists[group]
+        stream = max(_entropy_of_counts(hist), float(hist.sum()))
+        return stream / 8 + packed_size(1 << (group * bits), 4)
+
+    finalists = sorted(sorted(hists, key=estimate)[:2])
+    best = None
+    for group in finalists:
+        lengths = huffman_lengths(hists[group])
+        stream = math.ceil(stream_bits(hists[group], lengths) / 8)
+        size = stream + packed_size(1 << (group * bits), 4)
+        if best is None or size < best[0]:
+            best = (size, group, lengths, stream)
+    _, group, lengths, stream = best
+    chosen = symbols[group] if group in symbols else group_codes(codes, bits, group)
+    return group, lengths, stream, chosen, hists[group]
 
 
 def group_histograms(
