@@ -79,6 +79,7 @@ NUMPY_DTYPES = {
     "bool": "?",
 }
 DEFAULT_BITS = 8
+SAVE_THREADS_MIN = 1 << 20  # elements from which a fixed-width save uses threads
 THREADS_MIN_CODES = 1 << 22  # Huffman-coded weights from which decoding uses threads
 SPARSE_MIN = 1 << 20  # smallest all-zero chunk left as a hole
 CHUNK = 1 << 24  # bytes written at a time; an all-zero chunk becomes a hole (sparse file)
@@ -266,13 +267,16 @@ def _encoded(
     entropy: bool,
     workers: int | None = None,
 ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
-    """Encode the items on worker threads, yielding (entry, payload) in order."""
+    """Encode the items on worker threads (by default one per CPU, but one in all for a
+    small fixed-width save), yielding (entry, payload) in order."""
 
     def one(item: tuple[str, np.ndarray, str]) -> tuple[TensorEntry, np.ndarray]:
         name, array, dtype = item
         chosen = _bits_for(name, array, dtype, bits)
         return encode_tensor(name, array, dtype, chosen, _scheme_for(name, scheme), entropy)
 
+    if workers is None and not entropy and sum(a.size for _, a, _ in items) < SAVE_THREADS_MIN:
+        workers = 1  # numpy's short calls on two threads contend for the GIL: slower
     return ordered_map(one, items, workers)
 
 
