@@ -763,10 +763,7 @@ def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.
 
 def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
     symbols = _huffman_symbols(entry, data, path)
-    codes, spare = ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
-    if spare.any():
-        _nonzero_code_padding(entry, path)
-    return codes
+    return ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
 
 
 TAKE_BLOCK = 1 << 14
@@ -779,11 +776,9 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
     symbols = _huffman_symbols(entry, data, path)
     group, numel = entry.group, entry.numel
     whole, rest = divmod(numel, group)
-    if rest and symbols[-1] >> (rest * entry.bits):
-        _nonzero_code_padding(entry, path)
     alphabet = 1 << (group * entry.bits)
     every = np.arange(alphabet, dtype=np.uint8)
-    codes, _ = ungroup_symbols(every, entry.bits, group, alphabet * group)
+    codes = ungroup_symbols(every, entry.bits, group, alphabet * group)
     table = dequantize(codes, entry.scale, entry.zero_point).reshape(alphabet, group)
     if out is None:
         out = np.empty(numel, dtype=np.float32)
@@ -802,13 +797,9 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
     return out.reshape(entry.shape)
 
 
-def _nonzero_code_padding(entry: TensorEntry, path) -> None:
-    raise E.DataError("codes padding the last symbol are not zero", path=path, tensor=entry.name)
-
-
 def _huffman_symbols(entry: TensorEntry, data: bytes, path) -> np.ndarray:
-    """The checked symbols of a Huffman-coded tensor (the stream fills its bytes exactly
-    and the padding bits after it are zero)."""
+    """The checked symbols of a Huffman-coded tensor: the stream fills its bytes exactly,
+    the padding bits after it are zero, and so are the codes padding the last symbol."""
     count = -(-entry.numel // entry.group)
     try:
         symbols, used = decode_symbols(data, entry.code_lengths, count)
@@ -827,6 +818,11 @@ def _huffman_symbols(entry: TensorEntry, data: bytes, path) -> np.ndarray:
     if used % 8 and data[-1] >> (used % 8):
         raise E.DataError(
             "padding bits after the last codeword are not zero", path=path, tensor=entry.name
+        )
+    filled = entry.numel % entry.group  # codes of the last symbol that belong to the tensor
+    if filled and int(symbols[-1]) >> (filled * entry.bits):
+        raise E.DataError(
+            "codes padding the last symbol are not zero", path=path, tensor=entry.name
         )
     return symbols
 

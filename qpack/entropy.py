@@ -90,17 +90,17 @@ def _symbol_codes(bits: int, group: int) -> np.ndarray:
 
 
 def ungroup_symbols(symbols: np.ndarray, bits: int, group: int, count: int) -> np.ndarray:
-    """Split symbols back into ``count`` codes; the padding codes are returned separately
-    as the second value so the caller can check they are zero. One table lookup per
-    symbol yields all of its codes at once."""
+    """Split symbols back into their first ``count`` codes (the codes padding the last
+    symbol are dropped; :func:`qpack.codec` checks them on the symbol). One table lookup
+    per symbol yields all of its codes at once."""
     if group == 1:
-        return symbols[:count], symbols[count:]
+        return symbols[:count]
     table = _symbol_codes(bits, group)
     width = table.shape[1]
     words = table.view(f"<u{width}").reshape(-1)
     codes = np.take(words, symbols.astype(np.intp)).view(np.uint8).reshape(-1, width)
     codes = codes[:, :group].reshape(-1) if width != group else codes.reshape(-1)
-    return codes[:count], codes[count:]
+    return codes[:count]
 
 
 def huffman_lengths(counts: np.ndarray, limit: int = MAX_CODE_LENGTH) -> np.ndarray:
@@ -260,20 +260,16 @@ def encode_symbols(
     code[: lengths.size] = _reversed_codes(lengths)
     size[: lengths.size] = lengths
     words = np.zeros(total // 64 + 2, dtype="<u8")
-    if symbols.size < PAIR_TABLE_MIN:  # building the pair tables would cost more
-        shift = np.take(size, symbols)
-        offsets = np.cumsum(shift)
-        offsets -= shift
-        _place(words, np.take(code, symbols), offsets)
-        return words.view(np.uint8)[: -(-total // 8)].copy()
-    # pair index: first | second << 8, so the first symbol cycles fastest
-    first_code, first_size = np.tile(code, 256), np.tile(size, 256)
-    pair_code = first_code | (np.repeat(code, 256) << first_size)
-    pair_size = first_size + np.repeat(size, 256)
-    whole = symbols.size // 4 * 4
+    # runs of four symbols, unless the stream is too short to pay for the pair tables
+    paired = symbols.size // 4 * 4 if symbols.size >= PAIR_TABLE_MIN else 0
     base = 0
-    for start in range(0, whole, BLOCK):
-        pairs = symbols[start : min(whole, start + BLOCK)].view("<u2")
+    if paired:
+        # pair index: first | second << 8, so the first symbol cycles fastest
+        first_code, first_size = np.tile(code, 256), np.tile(size, 256)
+        pair_code = first_code | (np.repeat(code, 256) << first_size)
+        pair_size = first_size + np.repeat(size, 256)
+    for start in range(0, paired, BLOCK):
+        pairs = symbols[start : min(paired, start + BLOCK)].view("<u2")
         # first and second pair of each run of four, as contiguous indices; mode="clip"
         # (every pair is in range) skips the bounds check
         first, second = pairs[0::2].astype(np.intp), pairs[1::2].astype(np.intp)
@@ -286,9 +282,13 @@ def encode_symbols(
         offsets += np.uint64(base)
         base += int(shift.sum())
         _place(words, run, offsets)
-    for symbol in symbols[whole:].tolist():  # at most three left over
-        _place(words, code[symbol : symbol + 1], np.array([base], dtype=np.uint64))
-        base += int(size[symbol])
+    rest = symbols[paired:]  # one codeword per run: a short stream, or at most three left
+    if rest.size:
+        shift = np.take(size, rest)
+        offsets = np.cumsum(shift)
+        offsets -= shift
+        offsets += np.uint64(base)
+        _place(words, np.take(code, rest), offsets)
     return words.view(np.uint8)[: -(-total // 8)].copy()
 
 
@@ -445,13 +445,8 @@ def _tail_bits(lengths: np.ndarray, tail: bytes) -> tuple[int, int]:
 
 
 def _codeword(lengths: np.ndarray, symbol: int) -> tuple[int, int]:
-    """Canonical codeword value and length of one symbol (RFC 1951, 3.2.2)."""
-    width = int(lengths[symbol])
-    counts = np.bincount(lengths, minlength=MAX_CODE_LENGTH + 1).tolist()
-    code = 0
-    for n in range(1, width):
-        code = (code + counts[n]) << 1
-    return code + int(np.count_nonzero(lengths[:symbol] == width)), width
+    """Canonical codeword value and length of one symbol."""
+    return int(canonical_codes(lengths)[symbol]), int(lengths[symbol])
 
 
 def _bitarray_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:

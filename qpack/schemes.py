@@ -248,13 +248,10 @@ def decodes_finite(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> bool
     ``2**bits - 1`` of each group decide: no table of every code is built."""
     scale = np.asarray(scale, dtype=np.float32)
     zero = np.asarray(zero_point, dtype=np.float32)
-    if scale.size == 1:  # numpy scalars: the same float32 rounding, without array calls
-        s, z = scale.reshape(-1)[0], zero.reshape(-1)[0]
-        if abs(float(s)) * (abs(float(z)) + (1 << bits)) < 1e38:  # far from FLT_MAX
+    if scale.size == 1:  # one group far from FLT_MAX (the usual case): no array calls
+        bound = abs(float(scale.flat[0])) * (abs(float(zero.flat[0])) + (1 << bits))
+        if bound < 1e38:
             return True
-        with np.errstate(over="ignore", invalid="ignore"):
-            low, high = s * (np.float32(0) - z), s * (np.float32((1 << bits) - 1) - z)
-        return bool(np.isfinite(low) and np.isfinite(high))
     ends = np.array([0, (1 << bits) - 1], dtype=np.float32)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
         values = scale[:, None] * (ends - zero[:, None])
