@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from . import __version__
+from . import __version__, kernels
 from . import errors as E
 from ._zlib import crc32
 from .bitpack import pack_codes, packed_size, padding_is_zero, unpack_codes
@@ -48,6 +48,7 @@ from .schemes import (
     SCHEMES,
     decodes_finite,
     dequantize,
+    dequantize_stream,
     levels_for,
     quantize,
 )
@@ -703,7 +704,8 @@ def decode_payload(
     """Turn one tensor's checked bytes into an array of its shape (decoded into ``out``, a
     flat array as described in :meth:`Reader.arrays`, when given). ``dequant(entry, codes,
     out)``, if given, does the last step instead of :func:`decode_codes_values`: the same
-    values by other means (e.g. torch's multithreaded kernels)."""
+    values by other means (e.g. torch's multithreaded kernels); the compiled kernels, where
+    built, take its place: they read the codes straight from the payload."""
     if entry.storage == "raw":
         check_raw(entry, data, path)
         stored = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype])
@@ -713,6 +715,8 @@ def decode_payload(
             out[...] = stored
         return out.reshape(entry.shape)
     check_decodes_finite(entry, path)
+    if kernels.native is not None:
+        return _native_values(entry, data, path, out)
     # group 1: the symbols are the codes, and the plain dequantizer is faster than a lookup
     if entry.storage == "huffman" and entry.scale.size == 1 and entry.group > 1:
         return _huffman_values(entry, data, path, out)
@@ -761,6 +765,20 @@ def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.
     return unpack_codes(data, entry.bits, entry.numel, out)
 
 
+def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.ndarray:
+    """Decode a quantized tensor with the compiled kernels: Huffman symbols or the packed
+    bytes go straight to float32, with the checks of the numpy route."""
+    if out is None:
+        out = np.empty(entry.numel, dtype=np.float32)
+    if entry.storage == "huffman":
+        src, group = _huffman_symbols(entry, data, path), entry.group
+    else:
+        check_packed_padding(entry, data, path)
+        src, group = data, 0
+    dequantize_stream(src, entry.bits, group, entry.numel, entry.scale, entry.zero_point, out)
+    return out.reshape(entry.shape)
+
+
 def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
     symbols = _huffman_symbols(entry, data, path)
     return ungroup_symbols(symbols, entry.bits, entry.group, entry.numel)
@@ -802,7 +820,9 @@ def _huffman_symbols(entry: TensorEntry, data: bytes, path) -> np.ndarray:
     the padding bits after it are zero, and so are the codes padding the last symbol."""
     count = -(-entry.numel // entry.group)
     try:
-        symbols, used = decode_symbols(data, entry.code_lengths, count)
+        symbols, used = decode_symbols(
+            data, entry.code_lengths, count, scratch("symbols", count)
+        )
     except ValueError as exc:
         raise E.DataError(
             f"Huffman stream {exc} ({count} symbols expected)",

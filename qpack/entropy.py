@@ -6,11 +6,13 @@ coded with a canonical Huffman code of lengths 1..15 (DEFLATE's assignment: shor
 first, then increasing symbol value), written most-significant bit first into the same
 LSB-first bit stream as fixed-width packing, and zero-padded to a whole byte.
 
-Speed: encoding is vectorized numpy. For decoding, the reference writer leaves exactly one
-codeword of the greatest length unused (:func:`huffman_lengths`); giving that codeword to
-DEFLATE's end-of-block symbol makes the stream the body of a DEFLATE dynamic block, so
-zlib's C inflater decodes it (:func:`deflate_prefix`). Streams from other writers go
-through bitarray's canonical decoder instead; both give the same symbols and errors.
+Speed: with the compiled kernels (:mod:`qpack.kernels`) both directions run in C.
+Without them, encoding is vectorized numpy, and for decoding, the reference writer leaves
+exactly one codeword of the greatest length unused (:func:`huffman_lengths`); giving that
+codeword to DEFLATE's end-of-block symbol makes the stream the body of a DEFLATE dynamic
+block, so zlib's C inflater decodes it (:func:`deflate_prefix`). Streams from other
+writers go through bitarray's canonical decoder instead. Every route gives the same
+symbols and accepts the same streams.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import cache
 
 import numpy as np
 
+from . import kernels
 from ._zlib import ERRORS, decompressobj
 from .bitpack import pack_codes, packed_size, unpack_codes
 
@@ -255,6 +258,10 @@ def encode_symbols(
     if counts.size > lengths.size or not lengths[counts[: lengths.size] > 0].all():
         raise ValueError("a symbol to encode has no codeword (code length 0)")
     total = int(counts @ lengths.astype(np.int64))
+    if kernels.native is not None:
+        out = np.empty(-(-total // 8), dtype=np.uint8)
+        kernels.native.huffman_encode(symbols, np.ascontiguousarray(lengths, np.uint8), out)
+        return out
     code = np.zeros(256, dtype=np.uint64)
     size = np.zeros(256, dtype=np.uint64)
     code[: lengths.size] = _reversed_codes(lengths)
@@ -356,8 +363,12 @@ def deflate_prefix(lengths: np.ndarray) -> bytes:
     return _DEFLATE_HEADER + (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
 
 
-def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+def decode_symbols(
+    data: bytes, lengths: np.ndarray, count: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
     """Decode ``count`` symbols; returns them and the number of stream bits they used.
+    ``out``, a writable uint8 array of ``count`` elements, receives the symbols where the
+    compiled decoder runs.
 
     Raises ValueError when the stream ends early or holds a bit pattern that is no code.
     Through the DEFLATE route the returned count is exact only for a stream that fills
@@ -365,6 +376,10 @@ def decode_symbols(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.nda
     """
     if count == 0:
         return np.zeros(0, dtype=np.uint8), 0
+    if kernels.native is not None:
+        out = np.empty(count, dtype=np.uint8) if out is None else out
+        lengths = np.ascontiguousarray(lengths, dtype=np.uint8)
+        return out, kernels.native.huffman_decode(data, lengths, count, out)
     if has_spare_codeword(lengths):
         return _inflate(data, lengths, count)
     try:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 
+from . import kernels
+
 # Elements per block in quantization and dequantization: the float64 temporaries (1 MiB)
 # stay in cache, and each numpy call is long enough that two threads rarely wait for the
 # GIL (smaller blocks made two threads barely faster than one).
@@ -146,6 +148,9 @@ def _affine(w: np.ndarray, levels: int, granularity: Granularity) -> Quantized:
     top = levels - 1
     scale, zero = _grid(*_range(rows), top)
     codes = np.empty(rows.shape, dtype=np.uint8)
+    if kernels.native is not None and rows.size:  # the same codes in one pass
+        kernels.native.quantize(np.ascontiguousarray(rows), scale, zero, top, codes)
+        return _result(codes, scale, zero, levels, granularity)
     for r, c in blocks(*rows.shape):
         _codes_into(rows[r, c], scale[r], zero[r], top, codes[r, c])
     return _result(codes, scale, zero, levels, granularity)
@@ -273,6 +278,9 @@ def dequantize(
         out = np.empty(codes.size, dtype=np.float32)
     if codes.size == 0:
         return out
+    if kernels.native is not None and codes.dtype == np.uint8:  # a byte is a code
+        dequantize_stream(codes, 8, 1, codes.size, scale, zero_point, out)
+        return out
     rows = codes.reshape(groups, -1)
     dest = out.reshape(groups, -1)
     scale = scale.astype(np.float32, copy=False).reshape(groups, 1)
@@ -282,3 +290,14 @@ def dequantize(
             np.subtract(rows[r, c], zero[r], out=dest[r, c], dtype=np.float32)
             np.multiply(dest[r, c], scale[r], out=dest[r, c], dtype=np.float32)
     return out
+
+
+def dequantize_stream(
+    src, bits: int, group: int, count: int, scale: np.ndarray, zero_point: np.ndarray, out
+) -> None:
+    """:func:`dequantize` by the compiled kernel, reading the ``count`` codes straight
+    from a packed stream (``group`` 0, spec 5.1) or from Huffman symbols of ``group``
+    codes each (spec 5.2) into float32 ``out``: no array of codes is made."""
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    zero = np.ascontiguousarray(zero_point, dtype=np.float32)
+    kernels.native.dequantize(src, bits, group, count, scale, zero, out)
