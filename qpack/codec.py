@@ -81,7 +81,7 @@ NUMPY_DTYPES = {
 }
 DEFAULT_BITS = 8
 SAVE_THREADS_MIN = 1 << 20  # elements from which a fixed-width save uses threads
-THREADS_MIN_CODES = 1 << 22  # Huffman-coded weights from which decoding uses threads
+THREADS_MIN_CODES = 1 << 22  # weights decoded without the GIL from which decoding uses threads
 SPARSE_MIN = 1 << 20  # smallest all-zero chunk left as a hole
 CHUNK = 1 << 24  # bytes written at a time; an all-zero chunk becomes a hole (sparse file)
 # Huffman-code the quantized codes where that is smaller (it never makes a file larger).
@@ -631,23 +631,30 @@ class Reader:
         bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
         :func:`decode_payload`)."""
 
-        def decode(entry: TensorEntry, gap: int) -> np.ndarray:
-            out = None if alloc is None else alloc(entry)
+        def decode(entry: TensorEntry, gap: int, out: np.ndarray | None) -> np.ndarray:
             return self._decode(entry, gap, out, dequant)
 
-        return self._in_order(decode, workers)
+        return self._in_order(decode, workers, alloc)
 
     def payloads(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, bytes]]:
         """Every tensor's checked bytes in file order, with the checks of :meth:`arrays`
         but no decoding (for decoders elsewhere, such as on a GPU)."""
         return self._in_order(self._checked, workers)
 
-    def _in_order(self, fn, workers: int | None) -> Iterator[tuple[TensorEntry, object]]:
+    def _in_order(
+        self, fn, workers: int | None, alloc: Callable[[TensorEntry], np.ndarray] | None = None
+    ) -> Iterator[tuple[TensorEntry, object]]:
+        """``fn(entry, gap)`` (or ``fn(entry, gap, alloc(entry))``) for every tensor, in
+        file order, on ``workers`` threads; ``gap`` is where the bytes before it begin.
+        ``alloc`` runs on the calling thread, as the jobs are handed out: memory freed by
+        this thread is reused, where each worker's allocator would take fresh pages."""
         header = self.header
         workers = workers or self.default_workers()
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
+        if alloc is not None:
+            jobs = ((entry, gap, alloc(entry)) for entry, gap in jobs)
         with scratch_scope(), self._whole_file():
             yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
 
@@ -666,10 +673,14 @@ class Reader:
             self._buffer = None
 
     def default_workers(self) -> int:
-        """Threads that decode this file fastest: one per CPU when zlib has enough to do
-        (it releases the GIL for a whole tensor), else one; numpy's many short calls run
-        faster on one thread than on two contending for the GIL."""
-        coded = sum(e.numel for e in self.header.tensors if e.storage == "huffman")
+        """Threads that decode this file fastest: one per CPU when there is enough work
+        done without the GIL (the compiled kernels' whole tensors, or zlib's inflate of
+        Huffman-coded ones), else one; numpy's many short calls run faster on one thread
+        than on two contending for the GIL."""
+        if kernels.native is not None:
+            coded = sum(e.numel for e in self.header.tensors if e.storage != "raw")
+        else:
+            coded = sum(e.numel for e in self.header.tensors if e.storage == "huffman")
         return cpu_count() if coded >= THREADS_MIN_CODES else 1
 
     def _checked(self, entry: TensorEntry, gap: int, into: np.ndarray | None = None):
