@@ -10,6 +10,7 @@
  *   huffman_decode  canonical Huffman symbols and the stream bits they used: entropy's
  *                   decode_symbols
  *   huffman_encode  symbols -> their canonical codewords: entropy.encode_symbols
+ *   histogram       counts of byte values: entropy's histograms of symbols
  *   quantize        float32 -> codes by an affine grid: schemes._codes_into
  *
  * Floating point: every value is two IEEE operations, each rounded (the build passes
@@ -412,6 +413,41 @@ huffman_decode(PyObject *self, PyObject *args)
     return result;
 }
 
+PyDoc_STRVAR(histogram_doc,
+"histogram(data, counts)\n\n"
+"Add the count of each byte value in `data` to int64 `counts` (256 entries).");
+
+static PyObject *
+histogram(PyObject *self, PyObject *args)
+{
+    Py_buffer data, counts;
+    if (!PyArg_ParseTuple(args, "y*w*", &data, &counts)) return NULL;
+    PyObject *result = NULL;
+    if (counts.len != 256 * 8 || ((uintptr_t)counts.buf) % 8) {
+        PyErr_SetString(PyExc_ValueError, "counts must be 256 aligned int64");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        /* four tables, so that runs of one value do not wait on their own increments */
+        int64_t part[4][256] = {{0}};
+        const uint8_t *src = data.buf;
+        Py_ssize_t n = data.len, i = 0;
+        for (; i + 4 <= n; i += 4) {
+            part[0][src[i]]++;
+            part[1][src[i + 1]]++;
+            part[2][src[i + 2]]++;
+            part[3][src[i + 3]]++;
+        }
+        for (; i < n; i++) part[0][src[i]]++;
+        int64_t *total = counts.buf;
+        for (int v = 0; v < 256; v++) total[v] += part[0][v] + part[1][v] + part[2][v] + part[3][v];
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
 PyDoc_STRVAR(huffman_encode_doc,
 "huffman_encode(symbols, lengths, out) -> bits written\n\n"
 "Write each symbol's canonical codeword, most significant bit first, into the LSB-first\n"
@@ -440,26 +476,32 @@ huffman_encode(PyObject *self, PyObject *args)
     }
     const uint8_t *sym = symbols.buf;
     uint8_t *dst = out.buf;
-    Py_ssize_t pos = 0, room = out.len;
+    Py_ssize_t pos = 0, room = out.len, i = 0, n = symbols.len;
     uint64_t buf = 0;
-    int have = 0;
-    for (Py_ssize_t i = 0; i < symbols.len; i++) {
-        int len = size[sym[i]];
-        if (!len) {
-            error = "a symbol to encode has no codeword (code length 0)";
-            break;
-        }
-        buf |= (uint64_t)code[sym[i]] << have;
-        have += len;
-        if (have >= 32) {
-            if (pos + 4 > room) {
-                error = "output buffer too short";
+    int have = 0; /* bits in buf not yet stored whole: fewer than 8 between runs */
+    while (!error && i < n) {
+        /* three codewords (at most 45 bits) join the up to 7 bits held; then the whole
+         * bytes go out in one 8-byte store while it fits, else one byte at a time */
+        for (int k = 0; k < 3 && i < n; k++, i++) {
+            int len = size[sym[i]];
+            if (!len) {
+                error = "a symbol to encode has no codeword (code length 0)";
                 break;
             }
-            for (int k = 0; k < 4; k++) dst[pos++] = (uint8_t)(buf >> (8 * k));
-            buf >>= 32;
-            have -= 32;
+            buf |= (uint64_t)code[sym[i]] << have;
+            have += len;
         }
+        if (pos + 8 <= room) {
+            for (int k = 0; k < 8; k++) dst[pos + k] = (uint8_t)(buf >> (8 * k));
+        } else if (pos + (have >> 3) <= room) {
+            for (int k = 0; k < have >> 3; k++) dst[pos + k] = (uint8_t)(buf >> (8 * k));
+        } else {
+            error = "output buffer too short";
+            break;
+        }
+        pos += have >> 3;
+        buf >>= have & ~7; /* at most 52 bits were held */
+        have &= 7;
     }
     for (; !error && have > 0; have -= 8, buf >>= 8) {
         if (pos >= room) {
@@ -536,6 +578,7 @@ static PyMethodDef methods[] = {
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
     {"huffman_decode", huffman_decode, METH_VARARGS, huffman_decode_doc},
     {"huffman_encode", huffman_encode, METH_VARARGS, huffman_encode_doc},
+    {"histogram", histogram, METH_VARARGS, histogram_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -631,7 +631,7 @@ class Reader:
         bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
         :func:`decode_payload`)."""
 
-        def decode(entry: TensorEntry, gap: int, out: np.ndarray | None) -> np.ndarray:
+        def decode(entry: TensorEntry, gap: int, out: np.ndarray | None = None) -> np.ndarray:
             return self._decode(entry, gap, out, dequant)
 
         return self._in_order(decode, workers, alloc)

@@ -396,7 +396,11 @@ def decode_symbols(
 
 def _histogram(symbols: np.ndarray) -> np.ndarray:
     """Counts of the 256 byte values, taken two bytes at a time (half the work of
-    ``np.bincount`` on bytes)."""
+    ``np.bincount`` on bytes), or by the compiled kernel."""
+    if kernels.native is not None:
+        counts = np.zeros(256, dtype=np.int64)
+        kernels.native.histogram(np.ascontiguousarray(symbols, dtype=np.uint8), counts)
+        return counts
     if symbols.size < 1 << 18:  # the 64 Ki table below would cost more than it saves
         return np.bincount(symbols, minlength=256)
     pairs = symbols[: symbols.size // 2 * 2].view("<u2")

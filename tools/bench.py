@@ -65,6 +65,8 @@ import numpy as np
 import torch
 
 import qpack
+from qpack import kernels
+from qpack._zlib import BACKEND as zlib_backend
 from qpack.unet import load_default
 
 BITS = (8, 4, 3)
@@ -563,6 +565,7 @@ def machine_info(tmp_kind: str) -> dict[str, str]:
         "gguf": version("gguf"),
         "safetensors": version("safetensors"),
         "qpack": f"{qpack.__version__} (git {rev})",
+        "qpack kernels": f"{kernels.BACKEND} (QPACK_PURE=1: numpy), crc32 {zlib_backend}",
         "temp dir": tmp_kind,
     }
 
