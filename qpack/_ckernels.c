@@ -173,7 +173,8 @@ dequantize(PyObject *self, PyObject *args)
     if (!float_buffer(&scale, "scale") || !float_buffer(&zero, "zero") ||
         !float_buffer(&out, "out"))
         goto done;
-    if (bits < 1 || bits > 8 || group < 0 || group * bits > 8 || count < 0) {
+    if (bits < 1 || bits > 8 || group < 0 || group > 8 / bits || count < 0 ||
+        count > PY_SSIZE_T_MAX / 8) {
         PyErr_SetString(PyExc_ValueError, "bad bits, group or count");
         goto done;
     }
