@@ -782,7 +782,9 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if out is None:
         out = np.empty(entry.numel, dtype=np.float32)
     if entry.storage == "huffman":
-        src, group = _huffman_symbols(entry, data, path), entry.group
+        count = -(-entry.numel // entry.group)
+        src = _huffman_symbols(entry, data, path, scratch("symbols", count))
+        group = entry.group
     else:
         check_packed_padding(entry, data, path)
         src, group = data, 0
@@ -826,14 +828,13 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
     return out.reshape(entry.shape)
 
 
-def _huffman_symbols(entry: TensorEntry, data: bytes, path) -> np.ndarray:
+def _huffman_symbols(entry: TensorEntry, data: bytes, path, out=None) -> np.ndarray:
     """The checked symbols of a Huffman-coded tensor: the stream fills its bytes exactly,
-    the padding bits after it are zero, and so are the codes padding the last symbol."""
+    the padding bits after it are zero, and so are the codes padding the last symbol.
+    (``out``: where the compiled decoder may put them, as in :func:`decode_symbols`.)"""
     count = -(-entry.numel // entry.group)
     try:
-        symbols, used = decode_symbols(
-            data, entry.code_lengths, count, scratch("symbols", count)
-        )
+        symbols, used = decode_symbols(data, entry.code_lengths, count, out)
     except ValueError as exc:
         raise E.DataError(
             f"Huffman stream {exc} ({count} symbols expected)",

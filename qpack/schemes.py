@@ -278,8 +278,10 @@ def dequantize(
         out = np.empty(codes.size, dtype=np.float32)
     if codes.size == 0:
         return out
-    if kernels.native is not None and codes.dtype == np.uint8:  # a byte is a code
-        dequantize_stream(codes, 8, 1, codes.size, scale, zero_point, out)
+    native = kernels.native is not None and codes.dtype == np.uint8
+    if native and out.dtype == np.float32 and out.flags.c_contiguous:
+        # a byte is a code: 8-bit codes, one to a symbol
+        dequantize_stream(np.ascontiguousarray(codes), 8, 1, codes.size, scale, zero_point, out)
         return out
     rows = codes.reshape(groups, -1)
     dest = out.reshape(groups, -1)
