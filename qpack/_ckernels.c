@@ -9,6 +9,7 @@
  *                   after bitpack.unpack_codes / entropy.ungroup_symbols
  *   huffman_decode  canonical Huffman symbols and the stream bits they used: entropy's
  *                   decode_symbols
+ *   huffman_dequantize  the same, for one code to a symbol, straight to float32 values
  *   huffman_encode  symbols -> their canonical codewords: entropy.encode_symbols
  *   histogram       counts of byte values: entropy's histograms of symbols
  *   quantize        float32 -> codes by an affine grid: schemes._codes_into
@@ -311,66 +312,139 @@ decode_one(const Canonical *c, const uint16_t *single, uint64_t mask, Bits *b)
     return symbol;
 }
 
-/* Decode `count` symbols into dst; NULL or the error. Tables are indexed by the next
- * `bits` stream bits: `single` holds one codeword's length | symbol << 8 (0: longer than
- * `bits`, or no codeword), `multi` as many whole codewords as fit, up to three: their
- * total length in bits 0-3, their number in bits 4-5, the symbols in bytes 1-3. (The
- * length in the low bits: the shift that consumes them needs no other instruction.) */
-static const char *
-decode_stream(const Canonical *c, const uint8_t *lengths, Py_ssize_t alphabet, Bits *b,
-              Py_ssize_t count, uint8_t *dst)
+/* Lookup tables indexed by the next `bits` stream bits: `single` holds one codeword's
+ * length | symbol << 8 (0: longer than `bits`, or no codeword), `multi` as many whole
+ * codewords as fit, up to three: their total length in bits 0-3, their number in bits
+ * 4-5, the symbols in bytes 1-3. (The length in the low bits: the shift that consumes
+ * them needs no other instruction.) */
+typedef struct {
+    int bits;
+    uint64_t mask;
+    uint16_t single[1 << TABLE_BITS];
+    uint32_t multi[1 << TABLE_BITS];
+} Tables;
+
+static void
+build_tables(const Canonical *c, const uint8_t *lengths, Py_ssize_t alphabet,
+             Py_ssize_t count, Tables *t)
 {
     int bits = TABLE_BITS; /* longer than the codewords: room for several */
     if (count < (4 << TABLE_BITS) && c->longest < bits) bits = c->longest; /* cheap build */
-    uint16_t single[1 << TABLE_BITS];
-    uint32_t multi[1 << TABLE_BITS];
-    const uint64_t mask = ((uint64_t)1 << bits) - 1;
-    memset(single, 0, sizeof(uint16_t) << bits);
+    t->bits = bits;
+    t->mask = ((uint64_t)1 << bits) - 1;
+    memset(t->single, 0, sizeof(uint16_t) << bits);
     for (Py_ssize_t s = 0; s < alphabet; s++) {
         int len = lengths[s];
         if (!len || len > bits) continue;
         for (uint32_t k = reverse_bits(c->code[s], len); k < (1u << bits); k += 1u << len)
-            single[k] = (uint16_t)(len | s << 8);
+            t->single[k] = (uint16_t)(len | s << 8);
     }
     for (uint32_t k = 0; k < (1u << bits); k++) {
         uint32_t entry = 0, at = 0, rest = k;
         int made = 0;
         while (made < 3) {
-            uint32_t e = single[rest];
+            uint32_t e = t->single[rest];
             int len = (int)(e & 15);
             if (!e || at + len > (uint32_t)bits) break;
             entry |= (e >> 8) << (8 * ++made);
             at += len;
             rest >>= len;
         }
-        multi[k] = made ? entry | at | (uint32_t)made << 4 : 0;
+        t->multi[k] = made ? entry | at | (uint32_t)made << 4 : 0;
     }
+}
+
+/* Decode `count` symbols, as bytes into `dst` or, with `values` (256 floats), as
+ * values[symbol] into `out`; NULL or the error. Always inlined, so that each caller's
+ * choice of output is its own loop. */
+static inline __attribute__((always_inline)) const char *
+decode_loop(const Canonical *c, const Tables *t, Bits *state, Py_ssize_t count,
+            uint8_t *dst, const float *values, float *out)
+{
+    /* a local copy: the stores to dst may alias *state (char aliasing), which would keep
+     * the bit buffer in memory, not in a register */
+    Bits local = *state, *b = &local;
+    const uint64_t mask = t->mask;
     Py_ssize_t i = 0;
     while (i + 9 <= count) { /* three lookups of at most 15 bits after each refill */
         refill(b);
         for (int step = 0; step < 3; step++) {
-            uint32_t e = multi[b->buf & mask];
+            uint32_t e = t->multi[b->buf & mask];
             if (e) {
-                dst[i] = (uint8_t)(e >> 8);
-                dst[i + 1] = (uint8_t)(e >> 16);
-                dst[i + 2] = (uint8_t)(e >> 24);
+                if (values) {
+                    out[i] = values[(e >> 8) & 0xFF];
+                    out[i + 1] = values[(e >> 16) & 0xFF];
+                    out[i + 2] = values[e >> 24];
+                } else {
+                    dst[i] = (uint8_t)(e >> 8);
+                    dst[i + 1] = (uint8_t)(e >> 16);
+                    dst[i + 2] = (uint8_t)(e >> 24);
+                }
                 i += (e >> 4) & 3;
                 b->buf >>= e & 15;
                 b->have -= e & 15;
             } else {
-                int symbol = decode_one(c, single, mask, b);
-                if (symbol < 0) return "holds an invalid codeword";
-                dst[i++] = (uint8_t)symbol;
+                int symbol = decode_one(c, t->single, mask, b);
+                if (symbol < 0) goto invalid;
+                if (values)
+                    out[i++] = values[symbol];
+                else
+                    dst[i++] = (uint8_t)symbol;
             }
         }
     }
     for (; i < count; i++) {
         if (b->have < MAX_CODE_LENGTH) refill(b);
-        int symbol = decode_one(c, single, mask, b);
-        if (symbol < 0) return "holds an invalid codeword";
-        dst[i] = (uint8_t)symbol;
+        int symbol = decode_one(c, t->single, mask, b);
+        if (symbol < 0) goto invalid;
+        if (values)
+            out[i] = values[symbol];
+        else
+            dst[i] = (uint8_t)symbol;
     }
+    *state = local;
     return NULL;
+invalid:
+    *state = local;
+    return "holds an invalid codeword";
+}
+
+static const char *
+decode_bytes(const Canonical *c, const Tables *t, Bits *b, Py_ssize_t count, uint8_t *dst)
+{
+    return decode_loop(c, t, b, count, dst, NULL, NULL);
+}
+
+static const char *
+decode_values(const Canonical *c, const Tables *t, Bits *b, Py_ssize_t count,
+              const float *values, float *out)
+{
+    return decode_loop(c, t, b, count, NULL, values, out);
+}
+
+/* The checks before decoding `count` symbols: NULL or the error. */
+static const char *
+check_stream(Py_buffer *lengths, Py_ssize_t count, Py_ssize_t nbytes, Canonical *c)
+{
+    if (count < 0 || lengths->len > 256) return "bad count or lengths";
+    if (!canonical(lengths->buf, lengths->len, c)) return "code lengths are not a prefix code";
+    if (count && !c->longest) return "holds symbols but no codewords";
+    if (count > 8 * nbytes) return "ends early"; /* every codeword has at least one bit */
+    return NULL;
+}
+
+/* The used bits, or NULL with ValueError set for `error` or a stream that ran past its
+ * end (its last codewords lie beyond the data). */
+static PyObject *
+used_bits(const Bits *b, const char *error)
+{
+    long long used = 8 * (long long)b->pos - b->have;
+    if (!error && used > 8 * (long long)b->n) error = "ends early";
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromLongLong(used);
 }
 
 PyDoc_STRVAR(huffman_decode_doc,
@@ -384,32 +458,69 @@ huffman_decode(PyObject *self, PyObject *args)
     Py_buffer data, lengths, out;
     Py_ssize_t count;
     if (!PyArg_ParseTuple(args, "y*y*nw*", &data, &lengths, &count, &out)) return NULL;
-    PyObject *result = NULL;
     Canonical c;
-    const char *error = NULL;
     Bits b = {data.buf, data.len, 0, 0, 0};
-    if (count < 0 || out.len < count || lengths.len > 256)
-        error = "bad count, lengths or output buffer";
-    else if (!canonical(lengths.buf, lengths.len, &c))
-        error = "code lengths are not a prefix code";
-    else if (count && !c.longest)
-        error = "holds symbols but no codewords";
-    else if (count > 8 * b.n) /* every codeword has at least one bit */
-        error = "ends early";
+    const char *error = check_stream(&lengths, count, data.len, &c);
+    if (!error && out.len < count) error = "output buffer too short";
     if (!error) {
         Py_BEGIN_ALLOW_THREADS
-        error = decode_stream(&c, lengths.buf, lengths.len, &b, count, out.buf);
+        Tables t;
+        build_tables(&c, lengths.buf, lengths.len, count, &t);
+        error = decode_bytes(&c, &t, &b, count, out.buf);
         Py_END_ALLOW_THREADS
     }
-    long long used = 8 * (long long)b.pos - b.have;
-    if (used > 8 * (long long)b.n) /* the stream's last codewords lie past its end */
-        error = "ends early";
-    if (error)
-        PyErr_SetString(PyExc_ValueError, error);
-    else
-        result = PyLong_FromLongLong(used);
+    PyObject *result = used_bits(&b, error);
     PyBuffer_Release(&data);
     PyBuffer_Release(&lengths);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+PyDoc_STRVAR(huffman_dequantize_doc,
+"huffman_dequantize(data, lengths, count, scale, zero, out) -> used bits\n\n"
+"huffman_decode of `count` symbols that are one code each (group 1), written as their\n"
+"float32 values into `out`: run g of count / len(scale) codes decodes as\n"
+"scale[g] * (float32(q) - zero[g]). The same errors as huffman_decode.");
+
+static PyObject *
+huffman_dequantize(PyObject *self, PyObject *args)
+{
+    Py_buffer data, lengths, scale, zero, out;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*", &data, &lengths, &count, &scale, &zero, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Canonical c;
+    Bits b = {data.buf, data.len, 0, 0, 0};
+    Py_ssize_t groups = scale.len / 4;
+    if (!float_buffer(&scale, "scale") || !float_buffer(&zero, "zero") ||
+        !float_buffer(&out, "out"))
+        goto done;
+    if (zero.len != scale.len || (count > 0 && (groups < 1 || count % groups))) {
+        PyErr_SetString(PyExc_ValueError, "scale and zero must split the codes into equal runs");
+        goto done;
+    }
+    const char *error = check_stream(&lengths, count, data.len, &c);
+    if (!error && out.len / 4 < count) error = "output buffer too short";
+    if (!error) {
+        Py_BEGIN_ALLOW_THREADS
+        Tables t;
+        build_tables(&c, lengths.buf, lengths.len, count, &t);
+        const float *s = scale.buf, *z = zero.buf;
+        Py_ssize_t run = count ? count / groups : 0;
+        float values[256];
+        for (Py_ssize_t g = 0; g < groups && run && !error; g++) {
+            for (uint32_t q = 0; q < 256; q++) values[q] = affine(q, s[g], z[g]);
+            error = decode_values(&c, &t, &b, run, values, (float *)out.buf + g * run);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    result = used_bits(&b, error);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&scale);
+    PyBuffer_Release(&zero);
     PyBuffer_Release(&out);
     return result;
 }
@@ -578,6 +689,7 @@ done:
 static PyMethodDef methods[] = {
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
     {"huffman_decode", huffman_decode, METH_VARARGS, huffman_decode_doc},
+    {"huffman_dequantize", huffman_dequantize, METH_VARARGS, huffman_dequantize_doc},
     {"huffman_encode", huffman_encode, METH_VARARGS, huffman_encode_doc},
     {"histogram", histogram, METH_VARARGS, histogram_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},

@@ -39,6 +39,7 @@ from .container import (
 from .entropy import (
     best_group,
     decode_symbols,
+    decode_values,
     encode_symbols,
     entropy_bits,
     ungroup_symbols,
@@ -777,18 +778,24 @@ def _packed_codes(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.
 
 
 def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np.ndarray:
-    """Decode a quantized tensor with the compiled kernels: Huffman symbols or the packed
-    bytes go straight to float32, with the checks of the numpy route."""
+    """Decode a quantized tensor with the compiled kernels: the packed bytes or the
+    Huffman stream go straight to float32 (through a buffer of symbols only where a
+    symbol holds several codes), with the checks of the numpy route."""
     if out is None:
         out = np.empty(entry.numel, dtype=np.float32)
-    if entry.storage == "huffman":
-        count = -(-entry.numel // entry.group)
-        src = _huffman_symbols(entry, data, path, scratch("symbols", count))
-        group = entry.group
-    else:
+    scale, zero = entry.scale, entry.zero_point
+    if entry.storage == "packed":
         check_packed_padding(entry, data, path)
-        src, group = data, 0
-    dequantize_stream(src, entry.bits, group, entry.numel, entry.scale, entry.zero_point, out)
+        dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out)
+    elif entry.group == 1:  # a symbol is a code: straight to its value
+        lengths = entry.code_lengths
+        _huffman_stream(
+            entry, data, path, lambda n: (None, decode_values(data, lengths, n, scale, zero, out))
+        )
+    else:
+        count = -(-entry.numel // entry.group)
+        symbols = _huffman_symbols(entry, data, path, scratch("symbols", count))
+        dequantize_stream(symbols, entry.bits, entry.group, entry.numel, scale, zero, out)
     return out.reshape(entry.shape)
 
 
@@ -829,12 +836,27 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
 
 
 def _huffman_symbols(entry: TensorEntry, data: bytes, path, out=None) -> np.ndarray:
-    """The checked symbols of a Huffman-coded tensor: the stream fills its bytes exactly,
-    the padding bits after it are zero, and so are the codes padding the last symbol.
-    (``out``: where the compiled decoder may put them, as in :func:`decode_symbols`.)"""
+    """The checked symbols of a Huffman-coded tensor: the stream checks of
+    :func:`_huffman_stream`, and the codes padding the last symbol are zero. (``out``:
+    where the compiled decoder may put them, as in :func:`decode_symbols`.)"""
+    symbols = _huffman_stream(
+        entry, data, path, lambda count: decode_symbols(data, entry.code_lengths, count, out)
+    )
+    filled = entry.numel % entry.group  # codes of the last symbol that belong to the tensor
+    if filled and int(symbols[-1]) >> (filled * entry.bits):
+        raise E.DataError(
+            "codes padding the last symbol are not zero", path=path, tensor=entry.name
+        )
+    return symbols
+
+
+def _huffman_stream(entry: TensorEntry, data: bytes, path, decode):
+    """``decode(count)`` -> (result, used bits) of a Huffman-coded tensor's symbols, then
+    the checks on the stream: it fills its bytes exactly and the padding bits after it
+    are zero. Returns the result; decoding errors become DataError."""
     count = -(-entry.numel // entry.group)
     try:
-        symbols, used = decode_symbols(data, entry.code_lengths, count, out)
+        result, used = decode(count)
     except ValueError as exc:
         raise E.DataError(
             f"Huffman stream {exc} ({count} symbols expected)",
@@ -851,12 +873,7 @@ def _huffman_symbols(entry: TensorEntry, data: bytes, path, out=None) -> np.ndar
         raise E.DataError(
             "padding bits after the last codeword are not zero", path=path, tensor=entry.name
         )
-    filled = entry.numel % entry.group  # codes of the last symbol that belong to the tensor
-    if filled and int(symbols[-1]) >> (filled * entry.bits):
-        raise E.DataError(
-            "codes padding the last symbol are not zero", path=path, tensor=entry.name
-        )
-    return symbols
+    return result
 
 
 def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:

@@ -394,6 +394,22 @@ def decode_symbols(
     return symbols, used_bits
 
 
+def decode_values(
+    data: bytes, lengths: np.ndarray, count: int, scale, zero_point, out: np.ndarray
+) -> int:
+    """:func:`decode_symbols` for symbols of one code each, writing each code's float32
+    value (spec 6.1, run by run as :func:`qpack.schemes.dequantize`) into ``out`` instead
+    of the symbol; returns the used bits. Compiled kernels only."""
+    return kernels.native.huffman_dequantize(
+        data,
+        np.ascontiguousarray(lengths, dtype=np.uint8),
+        count,
+        np.ascontiguousarray(scale, dtype=np.float32),
+        np.ascontiguousarray(zero_point, dtype=np.float32),
+        out,
+    )
+
+
 def _histogram(symbols: np.ndarray) -> np.ndarray:
     """Counts of the 256 byte values, taken two bytes at a time (half the work of
     ``np.bincount`` on bytes), or by the compiled kernel."""

@@ -39,7 +39,14 @@ from qpack import errors as E
 from qpack.container import TensorEntry
 
 NATIVE = kernels.native
-KERNELS = ("dequantize", "huffman_decode", "huffman_encode", "histogram", "quantize")
+KERNELS = (
+    "dequantize",
+    "huffman_decode",
+    "huffman_dequantize",
+    "huffman_encode",
+    "histogram",
+    "quantize",
+)
 native_only = pytest.mark.skipif(
     NATIVE is None, reason="qpack._ckernels is not built (or QPACK_PURE is set)"
 )
@@ -482,6 +489,36 @@ class TestHuffman:
             assert codec_accepts(stream, lengths, count) == expected_symbols
         with numpy_only():
             assert codec_accepts(stream, lengths, count) == expected_symbols
+
+    @settings(max_examples=200, deadline=None)
+    @given(prefix_lengths(), st.data())
+    def test_dequantize_is_decode_then_dequantize(self, lengths, data):
+        """huffman_dequantize (a symbol is one code) has, on any stream and prefix code, the
+        outcome of huffman_decode then numpy's dequantize: the same rejection, or the same
+        used bits and the float32 values of the symbols, run by run, nothing written past
+        ``out``."""
+        stream, count = edited_stream(data, lengths)
+        runs = data.draw(st.sampled_from([r for r in (1, 2, 3, 5) if count % r == 0]))
+        finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
+        scale = np.array(data.draw(st.lists(finite, min_size=runs, max_size=runs)), np.float32)
+        zero = np.array(data.draw(st.lists(finite, min_size=runs, max_size=runs)), np.float32)
+        out, whole = guarded(np.float32, count)
+        lengths8 = np.ascontiguousarray(lengths, np.uint8)
+        try:
+            used = NATIVE.huffman_dequantize(stream, lengths8, count, scale, zero, out)
+        except ValueError:
+            got = None
+        else:
+            got = (bits_of(out).tolist(), used)
+        assert untouched_after(whole, 4 * count), "huffman_dequantize wrote past `out`"
+        decoded = native_decode(stream, lengths, count)
+        if decoded is None:
+            assert got is None
+            return
+        symbols, used = decoded
+        with numpy_only(), np.errstate(over="ignore", invalid="ignore"):
+            values = schemes.dequantize(np.array(symbols, np.uint8), scale, zero)
+        assert got == (bits_of(values).tolist(), used)
 
     @settings(max_examples=100, deadline=None)
     @given(prefix_lengths(), st.data())
@@ -1010,6 +1047,23 @@ HOSTILE = {
     "hd out bytes": ("huffman_decode", S16, LEN4, 1, bytes(16)),
     "hd out read-only": ("huffman_decode", S16, LEN4, 1, RO_U),
     "hd out strided": ("huffman_decode", S16, LEN4, 1, STRIDED_U),
+    # huffman_dequantize(data, lengths, count, scale, zero, out)
+    "hq count -1": ("huffman_dequantize", S16, LEN4, -1, F1, F0, OF),
+    "hq short out": ("huffman_dequantize", S16, LEN4, 17, F1, F0, OF),
+    "hq ends early": ("huffman_dequantize", b"\xff", LEN4, 3, F1, F0, OF),
+    "hq oversubscribed": ("huffman_dequantize", S16, u8(1, 1, 1), 1, F1, F0, OF),
+    "hq length 16": ("huffman_dequantize", S16, u8(1, 16), 1, F1, F0, OF),
+    "hq invalid codeword": ("huffman_dequantize", b"\xff", u8(2, 2, 0, 0), 2, F1, F0, OF),
+    "hq uneven runs": ("huffman_dequantize", S16, LEN4, 3, np.ones(2, np.float32),
+                       np.zeros(2, np.float32), OF),
+    "hq scale and zero differ": ("huffman_dequantize", S16, LEN4, 2, np.ones(2, np.float32),
+                                 F0, OF),
+    "hq no runs": ("huffman_dequantize", S16, LEN4, 2, np.zeros(0, np.float32),
+                   np.zeros(0, np.float32), OF),
+    "hq misaligned out": ("huffman_dequantize", S16, LEN4, 2, F1, F0, misaligned(16)),
+    "hq out read-only": ("huffman_dequantize", S16, LEN4, 1, F1, F0, RO_F),
+    "hq out strided": ("huffman_dequantize", S16, LEN4, 1, F1, F0, STRIDED_F),
+    "hq scale None": ("huffman_dequantize", S16, LEN4, 1, None, F0, OF),
     # huffman_encode(symbols, lengths, out)
     "he symbol without codeword": ("huffman_encode", u8(0, 2), u8(1, 1, 0), OU),
     "he symbol past the lengths": ("huffman_encode", u8(0, 200), LEN4, OU),
