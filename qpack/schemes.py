@@ -253,10 +253,16 @@ def decodes_finite(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> bool
     ``2**bits - 1`` of each group decide: no table of every code is built."""
     scale = np.asarray(scale, dtype=np.float32)
     zero = np.asarray(zero_point, dtype=np.float32)
-    if scale.size == 1:  # one group far from FLT_MAX (the usual case): no array calls
+    # every group far from FLT_MAX (the usual case): |scale| * (|zero| + 2**bits) bounds
+    # every value, so the exact check below is not needed
+    if scale.size == 1:  # no array calls
         bound = abs(float(scale.flat[0])) * (abs(float(zero.flat[0])) + (1 << bits))
         if bound < 1e38:
             return True
+    elif scale.size:
+        with np.errstate(over="ignore"):  # an overflow only means the exact check runs
+            if np.max(np.abs(scale) * (np.abs(zero) + (1 << bits))) < 1e38:
+                return True
     ends = np.array([0, (1 << bits) - 1], dtype=np.float32)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
         values = scale[:, None] * (ends - zero[:, None])
