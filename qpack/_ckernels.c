@@ -93,16 +93,68 @@ symbol_run(const uint8_t *src, const int bits, const int group, Py_ssize_t i,
     for (; i < end; i++) out[i] = t[(src[i / group] >> (bits * (i % group))) & mask];
 }
 
+/* A large output is written with non-temporal stores where SSE2 has them: it is not read
+ * again soon, and a plain store would first read every cache line it fills, doubling the
+ * memory traffic of a loop that is bound by it. _mm_sub_ps and _mm_mul_ps are the same
+ * two rounded binary32 operations as `affine`. */
+#define STREAM_MIN (1 << 18) /* values in a call from which its stores bypass the cache */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define HAVE_STREAM 1
+
+/* The values of 16 byte codes, streamed to `out` (16-byte aligned). */
+static inline void
+stream16(__m128i codes, __m128 scale, __m128 zero, float *out)
+{
+    const __m128i none = _mm_setzero_si128();
+    __m128i lo = _mm_unpacklo_epi8(codes, none), hi = _mm_unpackhi_epi8(codes, none);
+    __m128i q[4] = {_mm_unpacklo_epi16(lo, none), _mm_unpackhi_epi16(lo, none),
+                    _mm_unpacklo_epi16(hi, none), _mm_unpackhi_epi16(hi, none)};
+    for (int k = 0; k < 4; k++)
+        _mm_stream_ps(out + 4 * k, _mm_mul_ps(scale, _mm_sub_ps(_mm_cvtepi32_ps(q[k]), zero)));
+}
+
+/* Codes [i, end) of bytes holding one (bits 8) or two (bits 4) codes, streamed; returns
+ * where it stopped (the caller finishes the last few). */
+static Py_ssize_t
+stream_run(const uint8_t *src, int bits, Py_ssize_t i, Py_ssize_t end, float scale,
+           float zero, float *out)
+{
+    for (; i < end && ((uintptr_t)(out + i) & 15 || (bits == 4 && i & 1)); i++)
+        out[i] = affine(bits == 8 ? src[i] : (src[i >> 1] >> (4 * (i & 1))) & 15, scale, zero);
+    const __m128 s = _mm_set1_ps(scale), z = _mm_set1_ps(zero);
+    if (bits == 8) {
+        for (; i + 16 <= end; i += 16)
+            stream16(_mm_loadu_si128((const __m128i *)(src + i)), s, z, out + i);
+        return i;
+    }
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (; i + 32 <= end; i += 32) { /* 16 bytes: 32 codes, low nibble first */
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + (i >> 1)));
+        __m128i lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+        stream16(_mm_unpacklo_epi8(lo, hi), s, z, out + i);
+        stream16(_mm_unpackhi_epi8(lo, hi), s, z, out + i + 16);
+    }
+    return i;
+}
+#endif
+
 VECTOR_CLONES static void
 dequantize_run(const uint8_t *src, Py_ssize_t nbytes, int bits, int group, Py_ssize_t i,
-               Py_ssize_t end, float scale, float zero, float *out)
+               Py_ssize_t end, float scale, float zero, float *out, int stream)
 {
+#ifdef HAVE_STREAM
+    if (stream && (bits == 8 || (bits == 4 && group != 1)))
+        i = stream_run(src, bits, i, end, scale, zero, out);
+#else
+    (void)stream;
+#endif
     if (bits == 8) { /* a byte is a code: the values directly, a loop compilers vectorize */
         for (; i < end; i++) out[i] = affine(src[i], scale, zero);
         return;
     }
     if (bits == 4 && group != 1) { /* two codes to a byte: also a vectorized loop */
-        if (i & 1) out[i] = affine(src[i >> 1] >> 4, scale, zero), i++;
+        if (i < end && (i & 1)) out[i] = affine(src[i >> 1] >> 4, scale, zero), i++;
         const uint8_t *pair = src + (i >> 1);
         float *to = out + i;
         Py_ssize_t pairs = (end - i) >> 1;
@@ -191,9 +243,13 @@ dequantize(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     const float *s = scale.buf, *z = zero.buf;
     Py_ssize_t run = count ? count / groups : 0; /* no codes: possibly no groups either */
+    int stream = count >= STREAM_MIN;
     for (Py_ssize_t g = 0; g < groups && run; g++)
         dequantize_run(src.buf, src.len, bits, group, g * run, (g + 1) * run, s[g], z[g],
-                       out.buf);
+                       out.buf, stream);
+#ifdef HAVE_STREAM
+    if (stream) _mm_sfence(); /* streamed stores are ordered before the caller reads */
+#endif
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

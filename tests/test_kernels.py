@@ -261,6 +261,33 @@ class TestDequantize:
         got = native_dequantize(codes, 8, 0, 256, scale, zero)
         np.testing.assert_array_equal(bits_of(got), bits_of(expected))
 
+    @pytest.mark.parametrize(("bits", "group"), [(8, 0), (8, 1), (4, 0), (4, 2)])
+    def test_streamed_stores_of_large_outputs(self, bits, group):
+        """From 2**18 values the 8- and 4-bit loops write with non-temporal stores, from
+        the first 16-byte aligned value: with the output at each offset from alignment,
+        runs that do not end on a whole vector, and an odd count, the values are still
+        numpy's, and nothing past ``out`` is touched."""
+        rng = np.random.default_rng(bits + group)
+        for runs in (1, 3, 7):
+            count = runs * ((1 << 18) // runs + 1)
+            count += runs if count % 2 == 0 else 0  # odd: a half byte at the end at 4 bits
+            codes = rng.integers(0, 1 << bits, count, dtype=np.uint8)
+            scale = rng.normal(size=runs).astype(np.float32)
+            zero = rng.integers(0, 1 << bits, runs).astype(np.float32) - np.float32(0.5)
+            with numpy_only():
+                expected = bits_of(schemes.dequantize(codes, scale, zero))
+            src = kernel_source(codes, bits, group)
+            for offset in range(4):  # floats from a 16-byte boundary
+                whole = np.full(4 * (count + offset) + 16, SENTINEL, np.uint8)
+                start = -whole.ctypes.data % 16 + 4 * offset
+                if start + 4 * count + 16 > whole.size:
+                    whole = np.full(whole.size + 16, SENTINEL, np.uint8)
+                    start = -whole.ctypes.data % 16 + 4 * offset
+                out = whole[start : start + 4 * count].view(np.float32)
+                NATIVE.dequantize(src, bits, group, count, scale, zero, out)
+                np.testing.assert_array_equal(bits_of(out), expected)
+                assert untouched_after(whole[start:], 4 * count)
+
     def test_threads_decode_side_by_side(self):
         """The kernel releases the GIL: four threads decoding at once give the values
         one thread gives."""
