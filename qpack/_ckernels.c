@@ -4,6 +4,7 @@
  * Each function computes exactly what the numpy code beside it computes (bit for bit; the
  * tests hold them to that), in one pass and without the GIL, so tensors decode in parallel:
  *
+ *   pack            codes -> a packed stream (spec 5.1): bitpack.pack_codes
  *   dequantize      codes -> float32 (spec 6.1), reading the codes straight from a packed
  *                   stream (spec 5.1) or from Huffman symbols (spec 5.2): schemes.dequantize
  *                   after bitpack.unpack_codes / entropy.ungroup_symbols
@@ -205,6 +206,60 @@ float_buffer(Py_buffer *view, const char *what)
         return 0;
     }
     return 1;
+}
+
+/* Pack codes [0, n) of `bits` bits, LSB first (spec 5.1): eight codes fill `bits` bytes;
+ * the bytes after the last code's are zero. Literal `bits`: one unrolled loop a width. */
+static inline void
+pack_run(const uint8_t *codes, Py_ssize_t n, const int bits, uint8_t *out)
+{
+    const uint32_t mask = (1u << bits) - 1;
+    Py_ssize_t i = 0, o = 0;
+    for (; i + 8 <= n; i += 8, o += bits) {
+        uint64_t w = 0;
+        for (int j = 0; j < 8; j++) w |= (uint64_t)(codes[i + j] & mask) << (bits * j);
+        for (int k = 0; k < bits; k++) out[o + k] = (uint8_t)(w >> (8 * k));
+    }
+    uint64_t w = 0;
+    int j = 0;
+    for (; i < n; i++, j++) w |= (uint64_t)(codes[i] & mask) << (bits * j);
+    for (int k = 0; 8 * k < j * bits; k++) out[o + k] = (uint8_t)(w >> (8 * k));
+}
+
+PyDoc_STRVAR(pack_doc,
+"pack(codes, bits, out)\n\n"
+"Pack uint8 `codes` (each below 2**bits; higher bits are dropped) into `out`, which\n"
+"must hold ceil(len(codes) * bits / 8) bytes: bitpack.pack_codes.");
+
+static PyObject *
+pack(PyObject *self, PyObject *args)
+{
+    Py_buffer codes, out;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*iw*", &codes, &bits, &out)) return NULL;
+    PyObject *result = NULL;
+    if (bits < 1 || bits > 8 || codes.len > PY_SSIZE_T_MAX / 8) {
+        PyErr_SetString(PyExc_ValueError, "bits must be 1 to 8");
+    } else if (out.len < (codes.len * bits + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "output buffer too short for the codes");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        switch (bits) {
+        case 1: pack_run(codes.buf, codes.len, 1, out.buf); break;
+        case 2: pack_run(codes.buf, codes.len, 2, out.buf); break;
+        case 3: pack_run(codes.buf, codes.len, 3, out.buf); break;
+        case 4: pack_run(codes.buf, codes.len, 4, out.buf); break;
+        case 5: pack_run(codes.buf, codes.len, 5, out.buf); break;
+        case 6: pack_run(codes.buf, codes.len, 6, out.buf); break;
+        case 7: pack_run(codes.buf, codes.len, 7, out.buf); break;
+        default: pack_run(codes.buf, codes.len, 8, out.buf); break;
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    return result;
 }
 
 PyDoc_STRVAR(dequantize_doc,
@@ -744,6 +799,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
+    {"pack", pack, METH_VARARGS, pack_doc},
     {"huffman_decode", huffman_decode, METH_VARARGS, huffman_decode_doc},
     {"huffman_dequantize", huffman_dequantize, METH_VARARGS, huffman_dequantize_doc},
     {"huffman_encode", huffman_encode, METH_VARARGS, huffman_encode_doc},

@@ -7,7 +7,8 @@ with zero bits, to a whole byte.
 
 Kernels: 8 codes of k bits fill exactly k bytes, so the stream is a sequence of k-byte
 groups, each handled as one 64-bit word (or, for 2 and 3 bits, by table lookups of four
-codes at once); widths 1, 4 and 8 have shorter paths. Nothing loops per element.
+codes at once); widths 1, 4 and 8 have shorter paths. Nothing loops per element. With the
+compiled kernels (:mod:`qpack.kernels`), widths 2 to 7 are packed in C, to the same bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
+
+from . import kernels
 
 __all__ = ["packed_size", "pack_codes", "unpack_codes", "padding_is_zero"]
 
@@ -111,6 +114,9 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 1:
         return np.packbits(flat, bitorder="little")
     out = np.empty(packed_size(n, bits), dtype=np.uint8)
+    if kernels.native is not None:  # the same bytes, in one pass
+        kernels.native.pack(np.ascontiguousarray(flat), bits, out)
+        return out
     if bits == 4:
         pairs = n // 2
         np.left_shift(flat[1 : 2 * pairs : 2], np.uint8(4), out=out[:pairs])

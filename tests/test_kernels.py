@@ -40,6 +40,7 @@ from qpack.container import TensorEntry
 
 NATIVE = kernels.native
 KERNELS = (
+    "pack",
     "dequantize",
     "huffman_decode",
     "huffman_dequantize",
@@ -469,6 +470,28 @@ def edited_stream(data, lengths: np.ndarray) -> tuple[bytes, int]:
     elif edit == "flip" and stream:
         stream[data.draw(st.integers(0, len(stream) - 1))] ^= 1 << data.draw(st.integers(0, 7))
     return bytes(stream), count
+
+
+@native_only
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.data())
+def test_pack_writes_the_numpy_bytes(bits, data):
+    """pack: for every width and count (whole groups of eight codes or not), the bytes of
+    numpy's ``pack_codes``, and nothing written past them."""
+    count = data.draw(st.integers(0, 300))
+    codes = np.array(
+        data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=count, max_size=count)),
+        np.uint8,
+    )
+    with numpy_only():
+        expected = bitpack.pack_codes(codes, bits)
+    size = bitpack.packed_size(count, bits)
+    out, whole = guarded(np.uint8, size)
+    NATIVE.pack(codes, bits, out)
+    assert out.tobytes() == expected.tobytes()
+    assert untouched_after(whole, size)
+    with with_native():
+        assert bitpack.pack_codes(codes, bits).tobytes() == expected.tobytes()
 
 
 @native_only
@@ -1054,6 +1077,13 @@ HOSTILE = {
     "dq out read-only": ("dequantize", S16, 8, 0, 4, F1, F0, RO_F),
     "dq out strided": ("dequantize", S16, 8, 0, 4, F1, F0, STRIDED_F),
     "dq too few args": ("dequantize", S16, 8, 0, 4, F1, F0),
+    # pack(codes, bits, out)
+    "pk bits 0": ("pack", S16, 0, OU),
+    "pk bits 9": ("pack", S16, 9, OU),
+    "pk short out": ("pack", S16, 3, np.zeros(5, np.uint8)),
+    "pk out read-only": ("pack", S16, 3, RO_U),
+    "pk out strided": ("pack", S16, 3, STRIDED_U),
+    "pk codes None": ("pack", None, 3, OU),
     # huffman_decode(data, lengths, count, out)
     "hd count -1": ("huffman_decode", S16, LEN4, -1, OU),
     "hd count 2**62": ("huffman_decode", S16, LEN4, 2**62, OU),
