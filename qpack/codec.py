@@ -678,10 +678,8 @@ class Reader:
         done without the GIL (the compiled kernels' whole tensors, or zlib's inflate of
         Huffman-coded ones), else one; numpy's many short calls run faster on one thread
         than on two contending for the GIL."""
-        if kernels.native is not None:
-            coded = sum(e.numel for e in self.header.tensors if e.storage != "raw")
-        else:
-            coded = sum(e.numel for e in self.header.tensors if e.storage == "huffman")
+        threaded = ("packed", "huffman") if kernels.native is not None else ("huffman",)
+        coded = sum(e.numel for e in self.header.tensors if e.storage in threaded)
         return cpu_count() if coded >= THREADS_MIN_CODES else 1
 
     def _checked(self, entry: TensorEntry, gap: int, into: np.ndarray | None = None):
