@@ -34,6 +34,14 @@
 #define VECTOR_CLONES
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define ALWAYS_INLINE __forceinline
+#else
+#define ALWAYS_INLINE inline
+#endif
+
 #define MAX_CODE_LENGTH 15
 #define TABLE_BITS 12 /* Huffman lookup tables: codewords up to this long in one step */
 
@@ -468,7 +476,7 @@ build_tables(const Canonical *c, const uint8_t *lengths, Py_ssize_t alphabet,
 /* Decode `count` symbols, as bytes into `dst` or, with `values` (256 floats), as
  * values[symbol] into `out`; NULL or the error. Always inlined, so that each caller's
  * choice of output is its own loop. */
-static inline __attribute__((always_inline)) const char *
+static ALWAYS_INLINE const char *
 decode_loop(const Canonical *c, const Tables *t, Bits *state, Py_ssize_t count,
             uint8_t *dst, const float *values, float *out)
 {
