@@ -146,7 +146,10 @@ def numel(sd) -> int:
 def test_subprocess_version_and_help():
     res = run_cli("--version")
     assert res.returncode == 0
-    assert res.stdout.strip() == f"qpack {qpack.__version__}"
+    from qpack import _zlib, kernels
+
+    engines = f"kernels: {kernels.BACKEND}, crc32: {_zlib.BACKEND}"
+    assert res.stdout.strip() == f"qpack {qpack.__version__} ({engines})"
     res = run_cli("--help")
     assert res.returncode == 0
     for command in ("pack", "unpack", "inspect", "verify", "demo"):
