@@ -216,6 +216,23 @@ float_buffer(Py_buffer *view, const char *what)
     return 1;
 }
 
+/* The affine parameters and output of `count` codes: aligned float32 buffers, `scale`
+ * and `zero` of one entry per run, splitting the codes into equal runs (no codes: any
+ * number, even none). 0 with ValueError set when they do not. */
+static int
+affine_buffers(Py_buffer *scale, Py_buffer *zero, Py_buffer *out, Py_ssize_t count)
+{
+    if (!float_buffer(scale, "scale") || !float_buffer(zero, "zero") ||
+        !float_buffer(out, "out"))
+        return 0;
+    Py_ssize_t groups = scale->len / 4;
+    if (zero->len != scale->len || (count > 0 && (groups < 1 || count % groups))) {
+        PyErr_SetString(PyExc_ValueError, "scale and zero must split the codes into equal runs");
+        return 0;
+    }
+    return 1;
+}
+
 /* Pack codes [0, n) of `bits` bits, LSB first (spec 5.1): eight codes fill `bits` bytes;
  * the bytes after the last code's are zero. Literal `bits`: one unrolled loop a width. */
 static inline void
@@ -286,18 +303,12 @@ dequantize(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t groups = scale.len / 4;
-    if (!float_buffer(&scale, "scale") || !float_buffer(&zero, "zero") ||
-        !float_buffer(&out, "out"))
-        goto done;
     if (bits < 1 || bits > 8 || group < 0 || group > 8 / bits || count < 0 ||
         count > PY_SSIZE_T_MAX / 8) {
         PyErr_SetString(PyExc_ValueError, "bad bits, group or count");
         goto done;
     }
-    if (zero.len != scale.len || (count && (groups < 1 || count % groups))) {
-        PyErr_SetString(PyExc_ValueError, "scale and zero must split the codes into equal runs");
-        goto done;
-    }
+    if (!affine_buffers(&scale, &zero, &out, count)) goto done;
     Py_ssize_t need = group ? count / group + (count % group != 0) : (count * bits + 7) / 8;
     if (src.len < need || out.len / 4 < count) {
         PyErr_SetString(PyExc_ValueError, "buffer too short for the codes");
@@ -612,13 +623,7 @@ huffman_dequantize(PyObject *self, PyObject *args)
     Canonical c;
     Bits b = {data.buf, data.len, 0, 0, 0};
     Py_ssize_t groups = scale.len / 4;
-    if (!float_buffer(&scale, "scale") || !float_buffer(&zero, "zero") ||
-        !float_buffer(&out, "out"))
-        goto done;
-    if (zero.len != scale.len || (count > 0 && (groups < 1 || count % groups))) {
-        PyErr_SetString(PyExc_ValueError, "scale and zero must split the codes into equal runs");
-        goto done;
-    }
+    if (!affine_buffers(&scale, &zero, &out, count)) goto done;
     const char *error = check_stream(&lengths, count, data.len, &c);
     if (!error && out.len / 4 < count) error = "output buffer too short";
     if (!error) {
