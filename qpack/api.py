@@ -108,12 +108,14 @@ def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor
     if _on_cpu(device):
         decoded = _decode_into_torch(reader)
     else:
-        from .device import decode_on_device
+        import torch
 
-        decoded = (
-            (e, decode_on_device(e, payload, device, path=reader.path))
-            for e, payload in reader.payloads()
-        )
+        from .device import finish, stage
+
+        device = torch.device(device)
+        # checks, CRCs and Huffman decoding on the host's threads; the rest on the device
+        staged = reader.payloads(then=lambda e, payload: stage(e, payload, device, reader.path))
+        decoded = ((e, finish(e, host, device)) for e, host in staged)
     state = {}
     for entry, tensor in decoded:
         state[entry.name] = tensor

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -637,10 +637,15 @@ class Reader:
 
         return self._in_order(decode, workers, alloc)
 
-    def payloads(self, workers: int | None = None) -> Iterator[tuple[TensorEntry, bytes]]:
+    def payloads(
+        self, workers: int | None = None, then: Callable[[TensorEntry, bytes], Any] | None = None
+    ) -> Iterator[tuple[TensorEntry, Any]]:
         """Every tensor's checked bytes in file order, with the checks of :meth:`arrays`
-        but no decoding (for decoders elsewhere, such as on a GPU)."""
-        return self._in_order(self._checked, workers)
+        but no decoding (for decoders elsewhere, such as on a GPU). ``then(entry, bytes)``,
+        if given, runs on the worker threads and its result is yielded instead."""
+        if then is None:
+            return self._in_order(self._checked, workers)
+        return self._in_order(lambda e, gap: then(e, self._checked(e, gap)), workers)
 
     def _in_order(
         self, fn, workers: int | None, alloc: Callable[[TensorEntry], np.ndarray] | None = None

@@ -31,7 +31,7 @@ from .codec import (
 )
 from .container import DTYPE_SIZES, TensorEntry
 
-__all__ = ["decode_on_device", "dequantize_cpu"]
+__all__ = ["decode_on_device", "dequantize_cpu", "finish", "stage"]
 
 
 def decode_on_device(
@@ -45,6 +45,25 @@ def decode_on_device(
     ``entry.shape`` in the tensor's original dtype, with the same bits as the numpy decoder.
     Raises the :mod:`qpack.errors` classes that :func:`qpack.codec.decode_payload` raises."""
     device = torch.device(device)
+    return finish(entry, stage(entry, payload, device, path), device)
+
+
+# Host buffers from this size up go through page-locked (pinned) memory, so the copy to a
+# CUDA device runs asynchronously and overlaps the host work on the next tensor. Smaller
+# ones are not worth a pinned block.
+PINNED_MIN_BYTES = 1 << 16
+
+
+def stage(
+    entry: TensorEntry,
+    payload: bytes | memoryview | np.ndarray,
+    device: torch.device,
+    path: object = None,
+) -> torch.Tensor:
+    """The host half of :func:`decode_on_device`, safe to run on worker threads: every check
+    of the numpy decoder, in its order, then the bytes to send to ``device`` as a CPU uint8
+    tensor of its own: raw bytes (in host order), the packed stream, or the codes of a
+    Huffman stream (variable-length decoding does not vectorize, so it stays on the host)."""
     buf = _as_bytes(payload)
     if buf.size != entry.length:
         raise E.LayoutError(
@@ -53,23 +72,36 @@ def decode_on_device(
             tensor=entry.name,
         )
     if entry.storage == "raw":
-        return _raw(entry, buf, device, path)
-    if entry.storage not in ("packed", "huffman"):
+        check_raw(entry, buf, path)
+        size = DTYPE_SIZES[entry.dtype]
+        if sys.byteorder != "little" and size > 1:  # torch views bytes in host order
+            buf = buf.view(f"<u{size}").astype(f"=u{size}").view(np.uint8)
+    elif entry.storage not in ("packed", "huffman"):
         raise E.UnsupportedError(
             f"unsupported storage kind {entry.storage!r}", path=path, tensor=entry.name
         )
-    # the same checks, in the same order, as codec.decode_payload
-    check_decodes_finite(entry, path)
-    if entry.storage == "huffman":
-        data = payload if isinstance(payload, (bytes, bytearray)) else buf.tobytes()
-        codes = _upload(decode_codes(entry, data, path), device)
     else:
-        check_packed_padding(entry, buf, path)
-        codes = _unpack(_upload(buf, device), entry.bits, entry.numel)
-    dtype = getattr(torch, entry.dtype)
+        check_decodes_finite(entry, path)
+        if entry.storage == "huffman":
+            data = payload if isinstance(payload, (bytes, bytearray)) else buf.tobytes()
+            buf = decode_codes(entry, data, path)
+        else:
+            check_packed_padding(entry, buf, path)
+    return _host_copy(buf, device)
+
+
+def finish(entry: TensorEntry, staged: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The device half of :func:`decode_on_device`: send what :func:`stage` made to
+    ``device`` and decode it there with torch ops."""
+    dtype = getattr(torch, entry.dtype)  # bfloat16 bits are a binary32's top half: as is
     if entry.numel == 0:
         return torch.empty(entry.shape, dtype=dtype, device=device)
-    return _dequantize(codes, entry, device).reshape(entry.shape).to(dtype)
+    data = staged.to(device, non_blocking=True)
+    if entry.storage == "raw":
+        return data.view(dtype).reshape(entry.shape)
+    if entry.storage == "packed":
+        data = _unpack(data, entry.bits, entry.numel)
+    return _dequantize(data, entry, device).reshape(entry.shape).to(dtype)
 
 
 def _as_bytes(payload: bytes | memoryview | np.ndarray) -> np.ndarray:
@@ -79,24 +111,15 @@ def _as_bytes(payload: bytes | memoryview | np.ndarray) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8)
 
 
-def _upload(buf: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Bytes as a uint8 tensor on ``device`` that owns its memory (at most one host copy:
-    torch wants writable memory, and a CPU result must not alias the caller's buffer)."""
-    if device.type == "cpu" or not buf.flags.writeable:
-        buf = buf.copy()
-    return torch.from_numpy(buf).to(device)
-
-
-def _raw(entry: TensorEntry, buf: np.ndarray, device: torch.device, path: object) -> torch.Tensor:
-    """Raw little-endian elements: move the bytes, then reinterpret them on the device."""
-    check_raw(entry, buf, path)
-    dtype = getattr(torch, entry.dtype)  # bfloat16 bits are a binary32's top half: as is
-    if entry.numel == 0:
-        return torch.empty(entry.shape, dtype=dtype, device=device)
-    size = DTYPE_SIZES[entry.dtype]
-    if sys.byteorder != "little" and size > 1:  # torch views bytes in host order
-        buf = buf.view(f"<u{size}").astype(f"=u{size}").view(np.uint8)
-    return _upload(buf, device).view(dtype).reshape(entry.shape)
+def _host_copy(buf: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``buf`` copied into a CPU uint8 tensor that owns its memory (torch wants writable
+    memory, and a CPU result must not alias the caller's buffer): page-locked when it
+    goes to a CUDA device and is large enough to gain from an asynchronous copy."""
+    if device.type == "cuda" and buf.nbytes >= PINNED_MIN_BYTES:
+        staged = torch.empty(buf.nbytes, dtype=torch.uint8, pin_memory=True)
+        staged.numpy()[:] = buf
+        return staged
+    return torch.from_numpy(buf.copy())
 
 
 @cache
@@ -146,12 +169,13 @@ def _dequantize(codes: torch.Tensor, entry: TensorEntry, device: torch.device) -
 
 
 def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
-    scale = torch.from_numpy(np.array(entry.scale, dtype=np.float32).reshape(-1, 1))
-    zero = torch.from_numpy(np.array(entry.zero_point, dtype=np.float32).reshape(-1, 1))
+    # scales and zero points travel together: one small copy to the device, not two
+    params = np.stack((np.asarray(entry.scale), np.asarray(entry.zero_point))).astype(np.float32)
+    scale, zero = torch.from_numpy(params.reshape(2, -1, 1)).to(out.device)
     rows = out.view(scale.shape[0], -1)
     # uint8 - float32 computes in float32 (q < 256 converts exactly), then one product
-    torch.sub(codes.view(rows.shape), zero.to(out.device), out=rows)
-    rows.mul_(scale.to(out.device))
+    torch.sub(codes.view(rows.shape), zero, out=rows)
+    rows.mul_(scale)
     return out
 
 

@@ -88,3 +88,41 @@ def test_quick_run_writes_every_number(tmp_path):
         assert all(
             c.get("ok", True) and c.get("packed_equals_entropy", True) for c in workload["checks"]
         ), workload["checks"]
+
+
+def test_device_rows_on_the_cpu(tmp_path):
+    """The --device cuda rows, run on torch's "cpu" device so machines without a GPU check
+    them too: every load is timed, bit-identical to the CPU load, and ratioed."""
+    import importlib.util
+
+    import torch
+
+    import qpack
+
+    spec = importlib.util.spec_from_file_location("qpack_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    state = bench.conv_state(2, (16, 8, 3, 3))
+    res = bench.Results("tiny", bench.n_params(state), 0, 1)
+    torch.save(state, tmp_path / "tiny-f32.pt")
+    from safetensors.torch import save_file
+
+    save_file({k: v.half() for k, v in state.items()}, str(tmp_path / "tiny-f16.safetensors"))
+    files = {}
+    for bits, storage in ((4, "packed"), (3, "entropy")):
+        files[(bits, storage)] = tmp_path / f"{bits}-{storage}.qpk"
+        qpack.save(state, files[(bits, storage)], bits=bits, entropy=storage == "entropy")
+    bench.bench_cuda(res, state, files, tmp_path, name="cpu")
+    rows = {(r["method"], r["bits"], r["label"]) for r in res.rows}
+    assert {
+        ("float32 copy (cpu)", 32, "clone"),
+        ("torch.load (cpu)", 32, "float32 .pt"),
+        ("safetensors (cpu)", 16, "float16"),
+        ("qpack load (cpu)", 4, "packed"),
+        ("qpack load (cpu)", 3, "entropy"),
+        ("qpack load (cpu)", 4, "packed, pageable"),
+        ("qpack host stage (cpu)", 4, "packed, host only"),
+    } <= rows
+    assert [c["cpu_bit_identical"] for c in res.checks] == [True, True]
+    assert len(res.ratios) == 6 and all(r["value"] > 0 for r in res.ratios)
+    assert not res.notes

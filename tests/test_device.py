@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import qpack
+from qpack import codec
+from qpack import device as qdevice
 from qpack import errors as E
 from qpack.bitpack import pack_codes, packed_size, unpack_codes
 from qpack.codec import Reader, decode_payload, dtype_name, encode, encode_chunks
@@ -27,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# every test runs on the CPU here and, where a GPU is present, on it too
+DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 HYPO = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOATS = ("float32", "float16", "bfloat16", "float64")
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -76,15 +81,10 @@ def to_blob(items: list[tuple[str, np.ndarray, str]], **options) -> bytes:
 # --------------------------------------------------------------------------- vectors
 
 
+@DEVICES
 @pytest.mark.parametrize("case", MANIFEST["valid"], ids=lambda c: c["file"])
-def test_valid_vector_decodes_alike_on_cpu(case):
-    check_file((VECTORS / case["file"]).read_bytes(), "cpu")
-
-
-@CUDA
-@pytest.mark.parametrize("case", MANIFEST["valid"], ids=lambda c: c["file"])
-def test_valid_vector_decodes_alike_on_cuda(case):
-    check_file((VECTORS / case["file"]).read_bytes(), "cuda")
+def test_valid_vector_decodes_alike(case, device):
+    check_file((VECTORS / case["file"]).read_bytes(), device)
 
 
 def test_vectors_cover_every_width_and_storage():
@@ -96,8 +96,9 @@ def test_vectors_cover_every_width_and_storage():
     assert any(s == "huffman" for s, _ in seen) and any(s == "raw" for s, _ in seen)
 
 
+@DEVICES
 @pytest.mark.parametrize("case", MANIFEST["invalid"], ids=lambda c: c["file"])
-def test_invalid_vector_fails_alike(case):
+def test_invalid_vector_fails_alike(case, device):
     """Where a tensor of an invalid file reaches decoding (its header and CRC are fine), the
     device decoder raises what the numpy decoder raises, or returns the same bits."""
     try:
@@ -112,11 +113,11 @@ def test_invalid_vector_fails_alike(case):
                 continue
             want = outcome(lambda e=entry, p=payload: decode_payload(e, p, reader.path))
             got = outcome(
-                lambda e=entry, p=payload: decode_on_device(e, p, "cpu", path=reader.path)
+                lambda e=entry, p=payload: decode_on_device(e, p, device, path=reader.path)
             )
             assert got == want
             if want is None:
-                got = decode_on_device(entry, payload, "cpu", path=reader.path)
+                got = decode_on_device(entry, payload, device, path=reader.path)
                 assert_same(got, numpy_tensor(entry, decode_payload(entry, payload)))
             else:
                 assert want[0].code == case["error"]
@@ -154,14 +155,16 @@ def quantized_files(draw) -> bytes:
         assume(False)
 
 
+@DEVICES
 @HYPO
 @given(quantized_files())
-def test_quantized_round_trip_matches_numpy(blob):
-    entries = check_file(blob)
+def test_quantized_round_trip_matches_numpy(device, blob):
+    entries = check_file(blob, device)
     assert entries[0].storage in ("packed", "huffman")
     event(f"{entries[0].storage}, {entries[0].granularity}")
 
 
+@DEVICES
 @HYPO
 @given(
     hnp.arrays(
@@ -169,37 +172,40 @@ def test_quantized_round_trip_matches_numpy(blob):
         hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6),
     )
 )
-def test_raw_round_trip_is_bit_exact(array):
+def test_raw_round_trip_is_bit_exact(device, array):
     # "<u2" stands for bfloat16 bit patterns (any, NaN payloads included)
     dtype = "bfloat16" if array.dtype == np.uint16 else None
     items = [("x", array, dtype or dtype_name(array))]
-    check_file(to_blob(items, bits={"x": None}))
+    check_file(to_blob(items, bits={"x": None}), device)
 
 
-def test_huffman_and_subnormals_round_trip():
+@DEVICES
+def test_huffman_and_subnormals_round_trip(device):
     rng = np.random.default_rng(0)
     peaked = rng.laplace(size=(64, 40)).astype(np.float32) * 1e-3
     tiny = (rng.standard_normal((5, 7)) * 1e-40).astype(np.float32)  # subnormal steps
     blob = encode({"peaked": peaked, "tiny": tiny}, bits=4.5, entropy=True)
-    entries = check_file(blob)
+    entries = check_file(blob, device)
     assert entries[0].storage == "huffman"
     with Reader(blob) as reader:
         assert np.any(np.abs(reader.array("tiny")) < np.finfo(np.float32).tiny)
 
 
+@DEVICES
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 8), st.data())
-def test_unpack_matches_numpy(bits, data):
+def test_unpack_matches_numpy(device, bits, data):
     codes = np.array(data.draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=70)), np.uint8)
     packed = pack_codes(codes, bits)
-    got = _unpack(torch.from_numpy(packed), bits, codes.size)
-    assert got.dtype == torch.uint8
-    assert np.array_equal(got.numpy(), unpack_codes(packed, bits, codes.size))
+    got = _unpack(torch.from_numpy(packed).to(device), bits, codes.size)
+    assert got.dtype == torch.uint8 and got.device.type == device
+    assert np.array_equal(got.cpu().numpy(), unpack_codes(packed, bits, codes.size))
 
 
 f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
 
+@DEVICES
 @HYPO
 @given(
     st.integers(1, 8),
@@ -208,7 +214,7 @@ f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
     st.sampled_from(FLOATS),
     st.data(),
 )
-def test_arbitrary_affine_parameters(bits, granularity, shape, dtype, data):
+def test_arbitrary_affine_parameters(device, bits, granularity, shape, dtype, data):
     """Hand-built headers: any finite scale and zero point (negative, subnormal, huge)
     decode alike, and overflow is refused alike."""
     groups = shape[0] if granularity == "channel" else 1
@@ -230,9 +236,9 @@ def test_arbitrary_affine_parameters(bits, granularity, shape, dtype, data):
     )
     payload = pack_codes(codes, bits).tobytes()
     want = outcome(lambda: decode_payload(entry, payload, "p"))
-    assert outcome(lambda: decode_on_device(entry, payload, "cpu", path="p")) == want
+    assert outcome(lambda: decode_on_device(entry, payload, device, path="p")) == want
     if want is None:
-        got = decode_on_device(entry, memoryview(payload), torch.device("cpu"))
+        got = decode_on_device(entry, memoryview(payload), torch.device(device))
         assert_same(got, numpy_tensor(entry, decode_payload(entry, payload)))
 
 
@@ -245,22 +251,24 @@ def _entry_and_payload(blob: bytes, name: str) -> tuple[TensorEntry, bytes]:
         return entry, reader.payload(entry)
 
 
-def test_nonzero_padding_bits_are_bad_data():
+@DEVICES
+def test_nonzero_padding_bits_are_bad_data(device):
     w = np.linspace(-1, 1, 9, dtype=np.float32).reshape(3, 3)  # 27 bits at 3 bits: 5 spare
     entry, payload = _entry_and_payload(encode({"w": w}, bits=3, entropy=False), "w")
     assert entry.storage == "packed"
     bad = bytearray(payload)
     bad[-1] |= 0x80
     with pytest.raises(E.DataError, match="padding bits") as info:
-        decode_on_device(entry, bytes(bad), "cpu", path="f.qpk")
+        decode_on_device(entry, bytes(bad), device, path="f.qpk")
     assert info.value.tensor == "w" and info.value.path == "f.qpk"
     with pytest.raises(E.DataError):
         decode_payload(entry, bytes(bad))
-    decode_on_device(entry, np.frombuffer(payload, np.uint8), "cpu")  # the original is fine
+    decode_on_device(entry, np.frombuffer(payload, np.uint8), device)  # the original is fine
 
 
+@DEVICES
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_overflowing_scale_is_a_header_error(granularity):
+def test_overflowing_scale_is_a_header_error(granularity, device):
     w = np.ones((2, 4), dtype=np.float32)
     entry, payload = _entry_and_payload(
         encode({"w": w}, bits=8, entropy=False, scheme="asymmetric-per-channel"), "w"
@@ -271,7 +279,7 @@ def test_overflowing_scale_is_a_header_error(granularity):
         entry, granularity=granularity, scale=scale, zero_point=np.zeros_like(scale)
     )
     with pytest.raises(E.HeaderError, match="overflows float32") as info:
-        decode_on_device(bad, payload, "cpu", path="f.qpk")
+        decode_on_device(bad, payload, device, path="f.qpk")
     assert info.value.tensor == "w" and info.value.path == "f.qpk"
     assert outcome(lambda: decode_payload(bad, payload, "f.qpk")) == (
         type(info.value),
@@ -279,17 +287,19 @@ def test_overflowing_scale_is_a_header_error(granularity):
     )
 
 
-def test_bool_bytes_must_be_0_or_1():
+@DEVICES
+def test_bool_bytes_must_be_0_or_1(device):
     entry, payload = _entry_and_payload(encode({"m": np.array([True, False, True])}), "m")
-    assert_same(decode_on_device(entry, payload, "cpu"), torch.tensor([True, False, True]))
+    assert_same(decode_on_device(entry, payload, device), torch.tensor([True, False, True]))
     with pytest.raises(E.DataError, match="bool"):
-        decode_on_device(entry, b"\x01\x02\x00", "cpu", path="f.qpk")
+        decode_on_device(entry, b"\x01\x02\x00", device, path="f.qpk")
 
 
-def test_payload_of_the_wrong_size_is_refused():
+@DEVICES
+def test_payload_of_the_wrong_size_is_refused(device):
     entry, payload = _entry_and_payload(encode({"v": np.zeros(4, np.float32)}), "v")
     with pytest.raises(E.LayoutError):
-        decode_on_device(entry, payload[:-1], "cpu")
+        decode_on_device(entry, payload[:-1], device)
 
 
 def test_raw_result_does_not_alias_the_payload():
@@ -303,3 +313,72 @@ def test_raw_result_does_not_alias_the_payload():
 def test_import_qpack_does_not_import_the_device_module():
     code = "import sys, qpack; assert 'qpack.device' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def _mixed_state() -> dict[str, torch.Tensor]:
+    """Tensors of every route: packed and Huffman-coded at several widths and granularities,
+    float16, exact biases and integer buffers; some over PINNED_MIN_BYTES, some under."""
+    gen = torch.Generator().manual_seed(5)
+    return {
+        "conv.weight": torch.randn(96, 32, 3, 3, generator=gen) * 0.05,  # 27,648 weights
+        "fc.weight": (torch.randn(300, 400, generator=gen) * 0.02).half(),
+        "fc.bias": torch.randn(300, generator=gen),
+        "peaked.weight": torch.distributions.Laplace(0.0, 1e-3).sample((64, 40)),
+        "bn.num_batches_tracked": torch.tensor(7),
+    }
+
+
+@DEVICES
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("pinned_min", [0, 1 << 40])
+def test_load_on_device_matches_cpu_load(
+    tmp_path, monkeypatch, device, entropy, workers, pinned_min
+):
+    """qpack.load(device=...) (host checks on worker threads, pinned or plain copies)
+    gives the CPU load's names, order, dtypes and bits, on the device."""
+    monkeypatch.setattr(qdevice, "PINNED_MIN_BYTES", pinned_min)
+    monkeypatch.setattr(codec.Reader, "default_workers", lambda self: workers)
+    path = tmp_path / "m.qpk"
+    bits = {"conv.weight": 3, "fc.weight": 8, "peaked.weight": 4.5}
+    qpack.save(_mixed_state(), path, bits=bits, entropy=entropy)
+    want = qpack.load(path)
+    got = qpack.load(path, device=device)
+    assert list(got) == list(want)
+    for name, tensor in got.items():
+        assert tensor.device.type == device
+        assert_same(tensor, want[name])
+    with qpack.open(path, device=device) as lazy:
+        assert_same(lazy.get("fc.weight"), want["fc.weight"])
+        assert lazy.get("conv.weight").device.type == device
+
+
+@DEVICES
+def test_load_on_device_reports_a_corrupt_tensor_like_the_cpu(tmp_path, device):
+    path = tmp_path / "m.qpk"
+    qpack.save(_mixed_state(), path, bits=4)
+    blob = bytearray(path.read_bytes())
+    with codec.Reader(bytes(blob)) as reader:
+        entry = reader.entry("fc.weight")
+        blob[reader.header.data_start + entry.offset + 5] ^= 0x10
+    path.write_bytes(bytes(blob))
+    want = outcome(lambda: qpack.load(path))
+    assert want is not None and want[0] is E.DataChecksumError and "fc.weight" in want[1]
+    assert outcome(lambda: qpack.load(path, device=device)) == want
+
+
+@DEVICES
+def test_load_into_a_model_on_the_device(tmp_path, device):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
+    path = tmp_path / "m.qpk"
+    qpack.save(model.state_dict(), path, bits=4)
+    want = qpack.load(path)
+    model.to(device)
+    qpack.load_into(model, path)
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == device
+        assert_same(tensor, want[name])

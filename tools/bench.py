@@ -22,8 +22,9 @@ and, for each, the best wall time (``time.perf_counter``, one warm-up run, then 
 - ``torch.load`` of the float32 state_dict saved with ``torch.save``;
 - ``safetensors.torch.load_file`` of the state_dict converted to float16;
 - with ``--device cuda`` (when CUDA is available): ``qpack.load(path, device="cuda")``
-  against a copy of tensors already on the GPU, and whether its result is bit-identical to
-  the CPU ``qpack.load``.
+  against a copy of tensors already on the GPU, ``torch.load(map_location="cuda")`` of the
+  float32 ``.pt`` and safetensors' ``load_file(device="cuda")`` of float16, and whether
+  its result is bit-identical to the CPU ``qpack.load``.
 
 params/s is the parameter count divided by the best time. qpack, the float32 copy,
 torch.load and safetensors process the whole state_dict and are counted with its parameter
@@ -432,44 +433,100 @@ def bench_baselines(res: Results, state: dict[str, torch.Tensor], tmp: Path) -> 
     )
 
 
-def bench_cuda(res: Results, state: dict[str, torch.Tensor], files: dict[tuple, Path]) -> None:
-    on_device = {k: v.to("cuda") for k, v in state.items()}
-    torch.cuda.synchronize()
+def bench_cuda(
+    res: Results,
+    state: dict[str, torch.Tensor],
+    files: dict[tuple, Path],
+    tmp: Path,
+    name: str = "cuda",
+) -> None:
+    """GPU rows (on the torch device ``name``; tests run them on "cpu"): a float32 copy between tensors already on the device (the ceiling),
+    ``torch.load(map_location="cuda")`` of the float32 ``.pt`` and safetensors'
+    ``load_file(device="cuda")`` of float16 (the ways a float checkpoint reaches the GPU),
+    and ``qpack.load(device="cuda")`` of every file, checked bit for bit against the CPU
+    load. The 4-bit packed file is also loaded with plain (pageable) host copies, and its
+    host work alone (read, checks, CRCs, staging) is timed, to show where the time goes."""
+    from safetensors.torch import load_file
 
-    def copy() -> None:
-        {k: v.clone() for k, v in on_device.items()}
-        torch.cuda.synchronize()
+    from qpack import device as qdevice
+    from qpack.codec import Reader
 
-    res.time("float32 copy (cuda)", 32, "clone", copy)
-    for (bits, storage), path in files.items():
-
-        def load(path: Path = path) -> dict[str, torch.Tensor]:
-            out = qpack.load(path, device="cuda")
-            torch.cuda.synchronize()
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out = fn()
+            if cuda.type == "cuda":
+                torch.cuda.synchronize()
             return out
 
-        try:
-            res.time("qpack load (cuda)", bits, storage, load, nbytes=path.stat().st_size)
-            cpu = qpack.load(path)
-            gpu = load()
-            same = list(gpu) == list(cpu) and all(
-                gpu[k].device.type == "cuda" and torch.equal(gpu[k].cpu(), cpu[k]) for k in cpu
-            )
-        except Exception as exc:  # the on-device decoder is under construction
-            res.notes.append(f"cuda: qpack.load({path.name}, device='cuda') failed: {exc!r}")
-            continue
-        res.rows[-1]["bit_identical_to_cpu"] = same
-        res.checks.append({"bits": bits, "storage": storage, "cuda_bit_identical": same})
-        if not same:
-            res.notes.append(f"CHECK FAILED: cuda load of {path.name} differs from the CPU load")
-    copy_row = res.find("float32 copy (cuda)", 32, "clone")
-    for bits, storage in files:
-        res.ratio(
-            f"qpack load cuda {storage} {bits}-bit / float32 copy cuda",
-            res.find("qpack load (cuda)", bits, storage),
-            copy_row,
-            None,
+        return run
+
+    cuda = torch.device(name)
+    on_device = {k: v.to(cuda) for k, v in state.items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    res.time(
+        f"float32 copy ({name})",
+        32,
+        "clone",
+        synced(lambda: {k: v.clone() for k, v in on_device.items()}),
+        nbytes=nbytes,
+    )
+    del on_device
+    pt = tmp / f"{res.name}-f32.pt"
+    res.time(
+        f"torch.load ({name})",
+        32,
+        "float32 .pt",
+        synced(lambda: torch.load(pt, weights_only=True, map_location=cuda)),
+        nbytes=pt.stat().st_size,
+    )
+    st = tmp / f"{res.name}-f16.safetensors"
+    res.time(
+        f"safetensors ({name})",
+        16,
+        "float16",
+        synced(lambda: load_file(str(st), device=name)),
+        nbytes=st.stat().st_size,
+    )
+    for (bits, storage), path in files.items():
+        load = synced(lambda path=path: qpack.load(path, device=cuda))
+        res.time(f"qpack load ({name})", bits, storage, load, nbytes=path.stat().st_size)
+        cpu, gpu = qpack.load(path), load()
+        same = list(gpu) == list(cpu) and all(
+            gpu[k].device.type == cuda.type and torch.equal(gpu[k].cpu(), cpu[k]) for k in cpu
         )
+        res.rows[-1]["bit_identical_to_cpu"] = same
+        res.checks.append({"bits": bits, "storage": storage, f"{name}_bit_identical": same})
+        if not same:
+            res.notes.append(f"CHECK FAILED: {name} load of {path.name} differs from the CPU load")
+    path = files.get((4, "packed"))
+    if path is not None:
+        pinned, qdevice.PINNED_MIN_BYTES = qdevice.PINNED_MIN_BYTES, 1 << 62
+        try:
+            res.time(
+                f"qpack load ({name})",
+                4,
+                "packed",
+                synced(lambda: qpack.load(path, device=cuda)),
+                label="packed, pageable",
+            )
+        finally:
+            qdevice.PINNED_MIN_BYTES = pinned
+
+        def host_only() -> None:
+            with Reader(path) as reader:
+                for _ in reader.payloads(then=lambda e, p: qdevice.stage(e, p, cuda)):
+                    pass
+
+        res.time(f"qpack host stage ({name})", 4, "packed", host_only, label="packed, host only")
+    clone = res.find(f"float32 copy ({name})", 32, "clone")
+    torch_row = res.find(f"torch.load ({name})", 32, "float32 .pt")
+    st_row = res.find(f"safetensors ({name})", 16, "float16")
+    for bits, storage in files:
+        row = res.find(f"qpack load ({name})", bits, storage)
+        what = f"qpack load {name} {storage} {bits}-bit"
+        res.ratio(f"{what} / float32 copy {name}", row, clone, None)
+        res.ratio(f"{what} / torch.load {name}", row, torch_row, None)
+        res.ratio(f"{what} / safetensors {name}", row, st_row, None)
 
 
 # --------------------------------------------------------------------------- ratios
@@ -666,7 +723,7 @@ def run_workload(
     bench_gguf(res, state, names)
     bench_baselines(res, state, tmp)
     if device == "cuda" and torch.cuda.is_available():
-        bench_cuda(res, state, files)
+        bench_cuda(res, state, files, tmp)
     for path in files.values():
         path.unlink(missing_ok=True)
     add_ratios(res, unet=name == "unet")
