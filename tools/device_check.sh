@@ -1,11 +1,13 @@
 #!/bin/sh
 # The GPU checks of qpack, as one call on a machine with a CUDA device (the project's
 # lent GPU machine, or any other): build the kernels, run the tests that take the
-# device, then `tools/bench.py --device cuda`. Logs and the bench JSON go to $OUT.
+# device, then `tools/bench.py --device cuda` and `tools/bench_scale.py`. Logs and the
+# bench JSON go to $OUT.
 #
 #   OUT=/tmp/qpack-gpu sh tools/device_check.sh
 #
-# Wheels in $WHEELS (default .whl/; for a machine that cannot reach PyPI) are installed to /tmp/site first.
+# Wheels in $WHEELS (default .whl/; for a machine that cannot reach PyPI) are installed to
+# /tmp/site first.
 set -u
 OUT=${OUT:-/tmp/qpack-device}
 mkdir -p "$OUT"
@@ -37,6 +39,9 @@ python3 tools/bench.py --device cuda --markdown --json "$OUT/bench.json" \
     >"$OUT/bench.md" 2>"$OUT/bench.err"
 echo "bench rc $?"
 grep -E "cuda|CHECK|total" "$OUT/bench.md"
+
+echo "== scale"
+python3 tools/bench_scale.py --device cuda 2>"$OUT/scale.err" | tee "$OUT/scale.txt"
 
 echo "== whole suite (capped at ${SUITE_S:-150} s)"
 timeout "${SUITE_S:-150}" python3 -m pytest -q -p no:cacheprovider $XDIST 2>&1 \
