@@ -114,7 +114,10 @@ def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor
 
         device = torch.device(device)
         # checks, CRCs and Huffman decoding on the host's threads; the rest on the device
-        staged = reader.payloads(then=lambda e, payload: stage(e, payload, device, reader.path))
+        staged = reader.payloads(
+            reader.default_workers(decoded=("huffman",)),
+            then=lambda e, payload: stage(e, payload, device, reader.path),
+        )
         decoded = ((e, finish(e, host, device)) for e, host in staged)
     state = {}
     for entry, tensor in decoded:

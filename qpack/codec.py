@@ -678,12 +678,16 @@ class Reader:
         finally:
             self._buffer = None
 
-    def default_workers(self) -> int:
+    def default_workers(self, decoded: tuple[str, ...] | None = None) -> int:
         """Threads that decode this file fastest: one per CPU when there is enough work
         done without the GIL (the compiled kernels' whole tensors, or zlib's inflate of
         Huffman-coded ones), else one; numpy's many short calls run faster on one thread
-        than on two contending for the GIL."""
+        than on two contending for the GIL. ``decoded`` names the storage kinds decoded on
+        the host (a GPU load decodes only Huffman streams there; reading and checking the
+        rest is faster on one thread)."""
         threaded = ("packed", "huffman") if kernels.native is not None else ("huffman",)
+        if decoded is not None:
+            threaded = tuple(s for s in threaded if s in decoded)
         coded = sum(e.numel for e in self.header.tensors if e.storage in threaded)
         return cpu_count() if coded >= THREADS_MIN_CODES else 1
 

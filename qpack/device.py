@@ -169,9 +169,10 @@ def _dequantize(codes: torch.Tensor, entry: TensorEntry, device: torch.device) -
 
 
 def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor) -> torch.Tensor:
-    # scales and zero points travel together: one small copy to the device, not two
+    # scales and zero points travel together, in one small copy that does not wait for the
+    # device (a blocking copy would stall the host on every tensor's kernels)
     params = np.stack((np.asarray(entry.scale), np.asarray(entry.zero_point))).astype(np.float32)
-    scale, zero = torch.from_numpy(params.reshape(2, -1, 1)).to(out.device)
+    scale, zero = torch.from_numpy(params.reshape(2, -1, 1)).to(out.device, non_blocking=True)
     rows = out.view(scale.shape[0], -1)
     # uint8 - float32 computes in float32 (q < 256 converts exactly), then one product
     torch.sub(codes.view(rows.shape), zero, out=rows)
