@@ -110,13 +110,12 @@ def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor
     else:
         import torch
 
-        from .device import finish, stage
+        from .device import finish, host_workers, stage
 
         device = torch.device(device)
         # checks, CRCs and Huffman decoding on the host's threads; the rest on the device
         staged = reader.payloads(
-            reader.default_workers(decoded=("huffman",)),
-            then=lambda e, payload: stage(e, payload, device, reader.path),
+            host_workers(reader), then=lambda e, payload: stage(e, payload, device, reader.path)
         )
         decoded = ((e, finish(e, host, device)) for e, host in staged)
     state = {}

@@ -341,7 +341,7 @@ def test_load_on_device_matches_cpu_load(
     """qpack.load(device=...) (host checks on worker threads, pinned or plain copies)
     gives the CPU load's names, order, dtypes and bits, on the device."""
     monkeypatch.setattr(qdevice, "PINNED_MIN_BYTES", pinned_min)
-    monkeypatch.setattr(codec.Reader, "default_workers", lambda self, decoded=None: workers)
+    monkeypatch.setattr(qdevice, "host_workers", lambda reader: workers)
     path = tmp_path / "m.qpk"
     bits = {"conv.weight": 3, "fc.weight": 8, "peaked.weight": 4.5}
     qpack.save(_mixed_state(), path, bits=bits, entropy=entropy)

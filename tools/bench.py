@@ -440,7 +440,8 @@ def bench_cuda(
     tmp: Path,
     name: str = "cuda",
 ) -> None:
-    """GPU rows (on the torch device ``name``; tests run them on "cpu"): a float32 copy between tensors already on the device (the ceiling),
+    """GPU rows (on the torch device ``name``; tests run them on "cpu"): a float32 copy
+    between tensors already on the device (the ceiling),
     ``torch.load(map_location="cuda")`` of the float32 ``.pt`` and safetensors'
     ``load_file(device="cuda")`` of float16 (the ways a float checkpoint reaches the GPU),
     and ``qpack.load(device="cuda")`` of every file, checked bit for bit against the CPU
@@ -470,7 +471,7 @@ def bench_cuda(
         synced(lambda: {k: v.clone() for k, v in on_device.items()}),
         nbytes=nbytes,
     )
-    del on_device
+    on_device.clear()  # its memory back to the device before the loads
     pt = tmp / f"{res.name}-f32.pt"
     res.time(
         f"torch.load ({name})",
@@ -514,7 +515,8 @@ def bench_cuda(
 
         def host_only() -> None:
             with Reader(path) as reader:
-                for _ in reader.payloads(then=lambda e, p: qdevice.stage(e, p, cuda)):
+                workers = qdevice.host_workers(reader)
+                for _ in reader.payloads(workers, then=lambda e, p: qdevice.stage(e, p, cuda)):
                     pass
 
         res.time(f"qpack host stage ({name})", 4, "packed", host_only, label="packed, host only")
