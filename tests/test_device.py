@@ -382,3 +382,22 @@ def test_load_into_a_model_on_the_device(tmp_path, device):
     for name, tensor in model.state_dict().items():
         assert tensor.device.type == device
         assert_same(tensor, want[name])
+
+
+def test_host_threads_for_large_tensors_or_huffman_streams(tmp_path, monkeypatch):
+    """A device load reads and checks small packed tensors on one thread (hand-offs cost
+    more than they save) and uses every CPU for large tensors or many Huffman codes."""
+    monkeypatch.setattr(codec, "cpu_count", lambda: 6)
+    monkeypatch.setattr(qdevice, "cpu_count", lambda: 6)
+    monkeypatch.setattr(codec, "THREADS_MIN_CODES", 1 << 14)
+    rng = np.random.default_rng(3)
+    small = {f"w{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(4)}
+    big = {"w": rng.standard_normal((1024, 1100)).astype(np.float32)}  # 1.1 MB at 8 bits
+    cases = ((small, False, 1), (small, True, 6), (big, False, 6))
+    for state, entropy, want in cases:
+        blob = encode(state, bits=8, entropy=entropy)
+        with Reader(blob) as reader:
+            assert {e.storage for e in reader.header.tensors} == {
+                "huffman" if entropy else "packed"
+            }
+            assert qdevice.host_workers(reader) == want, (len(state), entropy)
