@@ -65,10 +65,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import qpack
-from qpack import kernels
-from qpack._zlib import BACKEND as zlib_backend
-from qpack.unet import load_default
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, uninstalled
+
+import qpack  # noqa: E402
+from qpack import kernels  # noqa: E402
+from qpack._zlib import BACKEND as zlib_backend  # noqa: E402
+from qpack.unet import load_default  # noqa: E402
 
 BITS = (8, 4, 3)
 STORAGES = (("packed", False), ("entropy", True))

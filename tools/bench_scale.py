@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-import qpack
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, uninstalled
+
+import qpack  # noqa: E402
 
 
 def best(fn, repeat: int, sync) -> float:
