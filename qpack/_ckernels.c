@@ -11,6 +11,7 @@
  *   huffman_decode  canonical Huffman symbols and the stream bits they used: entropy's
  *                   decode_symbols
  *   huffman_dequantize  the same, for one code to a symbol, straight to float32 values
+ *   huffman_decode_chunks  the same as huffman_decode, for a stream with a chunk index
  *   huffman_encode  symbols -> their canonical codewords: entropy.encode_symbols
  *   histogram       counts of byte values: entropy's histograms of symbols
  *   quantize        float32 -> codes by an affine grid: schemes._codes_into
@@ -649,6 +650,168 @@ done:
     return result;
 }
 
+/* A decoder positioned at stream bit `at` (at most 8 * n). */
+static Bits
+bits_at(const uint8_t *src, Py_ssize_t n, long long at)
+{
+    Bits b = {src, n, (Py_ssize_t)(at >> 3), 0, 0};
+    refill(&b);
+    b.buf >>= at & 7;
+    b.have -= (int)(at & 7);
+    return b;
+}
+
+static inline long long
+bit_position(const Bits *b)
+{
+    return 8 * (long long)b->pos - b->have;
+}
+
+/* Four chunks of `n` symbols (at `dst`, `dst + n`, ...), decoded in lockstep, one symbol
+ * of each lane per step (Zstandard's huff0 does the same with four streams): the lanes'
+ * lookup chains are independent, so the processor overlaps them, where one chain waits
+ * on each lookup. Runs while every lane can load 8 bytes; `done` symbols of each are
+ * decoded and the states moved past them. NULL or the error. */
+static const char *
+decode_four(const Canonical *c, const Tables *t, Bits *state, Py_ssize_t n, uint8_t *dst,
+            Py_ssize_t *done)
+{
+    const uint8_t *src = state[0].src;
+    const uint64_t mask = t->mask;
+    const uint16_t *single = t->single;
+    const long long last = 8 * (long long)state[0].n - 64; /* lanes load 8 bytes while <= */
+    long long at0 = bit_position(&state[0]), at1 = bit_position(&state[1]);
+    long long at2 = bit_position(&state[2]), at3 = bit_position(&state[3]);
+    uint8_t *o0 = dst, *o1 = dst + n, *o2 = dst + 2 * n, *o3 = dst + 3 * n;
+    Py_ssize_t i = 0;
+/* the next 57+ stream bits of a lane: room for three codewords of up to 15 bits */
+#define LANE_LOAD(at) (load_le(src + ((at) >> 3), 8) >> ((at) & 7))
+#define LANE_STEP(word, at, o)                                                            \
+    do {                                                                                  \
+        uint32_t e_ = single[(word) & mask];                                              \
+        int len_, symbol_;                                                                \
+        if (e_) {                                                                         \
+            symbol_ = (int)(e_ >> 8);                                                     \
+            len_ = (int)(e_ & 15);                                                        \
+        } else if ((symbol_ = decode_slow(c, (word), &len_)) < 0) {                       \
+            return "holds an invalid codeword";                                           \
+        }                                                                                 \
+        (o)[i] = (uint8_t)symbol_;                                                        \
+        (word) >>= len_;                                                                  \
+        (at) += len_;                                                                     \
+    } while (0)
+    while (i + 3 <= n && at0 <= last && at1 <= last && at2 <= last && at3 <= last) {
+        uint64_t w0 = LANE_LOAD(at0), w1 = LANE_LOAD(at1);
+        uint64_t w2 = LANE_LOAD(at2), w3 = LANE_LOAD(at3);
+        for (int step = 0; step < 3; step++, i++) {
+            LANE_STEP(w0, at0, o0);
+            LANE_STEP(w1, at1, o1);
+            LANE_STEP(w2, at2, o2);
+            LANE_STEP(w3, at3, o3);
+        }
+    }
+#undef LANE_STEP
+#undef LANE_LOAD
+    const long long at[4] = {at0, at1, at2, at3};
+    for (int j = 0; j < 4; j++) {
+        state[j] = bits_at(src, state[j].n, at[j]);
+        done[j] = i;
+    }
+    return NULL;
+}
+
+/* Decode the `count` symbols of a stream with a chunk index (spec 5.2): chunk k holds
+ * symbols [k * chunk, (k + 1) * chunk) and starts at bit starts[k - 1]. Every chunk must
+ * end exactly where the next starts. With `lanes`, four whole chunks at a time go
+ * through decode_four (where codewords average too long for multi-codeword lookups to
+ * pay). Sets *used to the end of the last chunk. NULL or the error. */
+static const char *
+decode_chunks(const Canonical *c, const Tables *t, const uint8_t *src, Py_ssize_t n,
+              Py_ssize_t count, Py_ssize_t chunk, const int64_t *starts, int lanes,
+              uint8_t *dst, long long *used)
+{
+    Py_ssize_t chunks = (count + chunk - 1) / chunk;
+    Py_ssize_t whole = count / chunk; /* chunks of `chunk` symbols */
+    Py_ssize_t k = 0;
+    const char *error = NULL;
+#define START(k) ((k) ? (long long)starts[(k) - 1] : 0)
+#define CHECK_END(k, b)                                                                 \
+    do {                                                                                \
+        long long end_ = bit_position(b);                                               \
+        if ((k) + 1 < chunks && end_ != starts[k])                                      \
+            return "does not begin a chunk where chunk_starts says";                    \
+        *used = end_;                                                                   \
+    } while (0)
+    for (; lanes && k + 4 <= whole; k += 4) {
+        Bits lane[4];
+        Py_ssize_t done[4];
+        for (int j = 0; j < 4; j++) lane[j] = bits_at(src, n, START(k + j));
+        if ((error = decode_four(c, t, lane, chunk, dst + k * chunk, done))) return error;
+        for (int j = 0; j < 4; j++) {
+            error = decode_bytes(c, t, &lane[j], chunk - done[j], dst + (k + j) * chunk + done[j]);
+            if (error) return error;
+            CHECK_END(k + j, &lane[j]);
+        }
+    }
+    for (; k < chunks; k++) {
+        Bits b = bits_at(src, n, START(k));
+        Py_ssize_t size = k + 1 < chunks ? chunk : count - k * chunk;
+        if ((error = decode_bytes(c, t, &b, size, dst + k * chunk))) return error;
+        CHECK_END(k, &b);
+    }
+#undef CHECK_END
+#undef START
+    return NULL;
+}
+
+PyDoc_STRVAR(huffman_decode_chunks_doc,
+"huffman_decode_chunks(data, lengths, count, chunk, starts, out, lanes) -> used bits\n\n"
+"huffman_decode of a stream with a chunk index (spec 5.2): `starts`, int64, holds the\n"
+"stream bit of each chunk of `chunk` symbols after the first. With `lanes` true, four\n"
+"chunks decode side by side. ValueError as huffman_decode, or when a chunk does not\n"
+"end where the next starts.");
+
+static PyObject *
+huffman_decode_chunks(PyObject *self, PyObject *args)
+{
+    Py_buffer data, lengths, starts, out;
+    Py_ssize_t count, chunk;
+    int lanes;
+    if (!PyArg_ParseTuple(args, "y*y*nny*w*p", &data, &lengths, &count, &chunk, &starts, &out,
+                          &lanes))
+        return NULL;
+    Canonical c;
+    long long used = 0;
+    const char *error = check_stream(&lengths, count, data.len, &c);
+    Py_ssize_t chunks = chunk > 0 ? (count + chunk - 1) / chunk : 0;
+    if (!error && (chunk < 1 || starts.len != 8 * (chunks ? chunks - 1 : 0) ||
+                   ((uintptr_t)starts.buf & 7)))
+        error = "bad chunk or chunk_starts";
+    for (Py_ssize_t k = 0; !error && k + 1 < chunks; k++) {
+        int64_t at = ((const int64_t *)starts.buf)[k];
+        if (at < 0 || at > 8 * (long long)data.len) error = "bad chunk or chunk_starts";
+    }
+    if (!error && out.len < count) error = "output buffer too short";
+    if (!error && count) {
+        Py_BEGIN_ALLOW_THREADS
+        Tables t;
+        build_tables(&c, lengths.buf, lengths.len, count, &t);
+        error = decode_chunks(&c, &t, data.buf, data.len, count, chunk, starts.buf, lanes,
+                              out.buf, &used);
+        Py_END_ALLOW_THREADS
+    }
+    if (!error && used > 8 * (long long)data.len) error = "ends early";
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&out);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromLongLong(used);
+}
+
 PyDoc_STRVAR(histogram_doc,
 "histogram(data, counts)\n\n"
 "Add the count of each byte value in `data` to int64 `counts` (256 entries).");
@@ -685,21 +848,30 @@ histogram(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(huffman_encode_doc,
-"huffman_encode(symbols, lengths, out) -> bits written\n\n"
+"huffman_encode(symbols, lengths, out[, chunk, starts]) -> bits written\n\n"
 "Write each symbol's canonical codeword, most significant bit first, into the LSB-first\n"
-"stream `out` (uint8), zero-padding the last byte. ValueError when a symbol has no\n"
-"codeword or `out` is too short.");
+"stream `out` (uint8), zero-padding the last byte. With `chunk`, the bit where each\n"
+"run of `chunk` symbols after the first begins goes to int64 `starts` (spec 5.2's chunk\n"
+"index). ValueError when a symbol has no codeword or `out` is too short.");
 
 static PyObject *
 huffman_encode(PyObject *self, PyObject *args)
 {
-    Py_buffer symbols, lengths, out;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &symbols, &lengths, &out)) return NULL;
+    Py_buffer symbols, lengths, out, starts = {0};
+    Py_ssize_t chunk = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*|nw*", &symbols, &lengths, &out, &chunk, &starts))
+        return NULL;
     PyObject *result = NULL;
     Canonical c;
     const char *error = NULL;
     if (lengths.len > 256 || !canonical(lengths.buf, lengths.len, &c)) {
         PyErr_SetString(PyExc_ValueError, "code lengths are not a prefix code");
+        goto done;
+    }
+    Py_ssize_t chunks = chunk > 0 ? (symbols.len + chunk - 1) / chunk : 0;
+    if (chunk < 0 || (chunk && (!starts.buf || ((uintptr_t)starts.buf & 7) ||
+                                starts.len != 8 * (chunks ? chunks - 1 : 0)))) {
+        PyErr_SetString(PyExc_ValueError, "bad chunk or chunk_starts");
         goto done;
     }
     long long written = 0;
@@ -712,13 +884,18 @@ huffman_encode(PyObject *self, PyObject *args)
     }
     const uint8_t *sym = symbols.buf;
     uint8_t *dst = out.buf;
-    Py_ssize_t pos = 0, room = out.len, i = 0, n = symbols.len;
+    Py_ssize_t pos = 0, room = out.len, i = 0, n = symbols.len, end = chunk ? chunk : n;
+    int64_t *at = starts.buf; /* with a chunk: the bit where each chunk after the first starts */
     uint64_t buf = 0;
     int have = 0; /* bits in buf not yet stored whole: fewer than 8 between runs */
     while (!error && i < n) {
+        if (i == end) { /* a chunk begins at the next bit */
+            *at++ = 8 * (int64_t)pos + have;
+            end = end + chunk < n ? end + chunk : n;
+        }
         /* three codewords (at most 45 bits) join the up to 7 bits held; then the whole
          * bytes go out in one 8-byte store while it fits, else one byte at a time */
-        for (int k = 0; k < 3 && i < n; k++, i++) {
+        for (int k = 0; k < 3 && i < end; k++, i++) {
             int len = size[sym[i]];
             if (!len) {
                 error = "a symbol to encode has no codeword (code length 0)";
@@ -756,6 +933,7 @@ done:
     PyBuffer_Release(&symbols);
     PyBuffer_Release(&lengths);
     PyBuffer_Release(&out);
+    if (starts.obj) PyBuffer_Release(&starts);
     return result;
 }
 
@@ -815,6 +993,7 @@ static PyMethodDef methods[] = {
     {"pack", pack, METH_VARARGS, pack_doc},
     {"huffman_decode", huffman_decode, METH_VARARGS, huffman_decode_doc},
     {"huffman_dequantize", huffman_dequantize, METH_VARARGS, huffman_dequantize_doc},
+    {"huffman_decode_chunks", huffman_decode_chunks, METH_VARARGS, huffman_decode_chunks_doc},
     {"huffman_encode", huffman_encode, METH_VARARGS, huffman_encode_doc},
     {"histogram", histogram, METH_VARARGS, histogram_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},

@@ -37,6 +37,8 @@ from .container import (
     read_header,
 )
 from .entropy import (
+    CHUNK_INDEX_MIN,
+    CHUNK_SYMBOLS,
     best_group,
     decode_symbols,
     decode_values,
@@ -165,7 +167,12 @@ def encode_tensor(
     entry, codes, huffman = _quantize(name, array, dtype, bits, scheme, entropy)
     if entry.storage == "huffman":
         symbols, counts = huffman
-        payload = encode_symbols(symbols, entry.code_lengths, counts)
+        if symbols.size >= CHUNK_INDEX_MIN:  # long streams get a chunk index (spec 5.2)
+            entry.chunk = CHUNK_SYMBOLS
+            entry.chunk_starts = np.empty(-(-symbols.size // CHUNK_SYMBOLS) - 1, np.int64)
+        payload = encode_symbols(
+            symbols, entry.code_lengths, counts, entry.chunk or 0, entry.chunk_starts
+        )
     else:
         payload = pack_codes(codes, entry.bits)
     assert payload.size == entry.length
@@ -794,7 +801,7 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if entry.storage == "packed":
         check_packed_padding(entry, data, path)
         dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out)
-    elif entry.group == 1:  # a symbol is a code: straight to its value
+    elif entry.group == 1 and entry.chunk is None:  # a symbol is a code: to its value
         lengths = entry.code_lengths
         _huffman_stream(
             entry, data, path, lambda n: (None, decode_values(data, lengths, n, scale, zero, out))
@@ -847,7 +854,12 @@ def _huffman_symbols(entry: TensorEntry, data: bytes, path, out=None) -> np.ndar
     :func:`_huffman_stream`, and the codes padding the last symbol are zero. (``out``:
     where the compiled decoder may put them, as in :func:`decode_symbols`.)"""
     symbols = _huffman_stream(
-        entry, data, path, lambda count: decode_symbols(data, entry.code_lengths, count, out)
+        entry,
+        data,
+        path,
+        lambda count: decode_symbols(
+            data, entry.code_lengths, count, out, entry.chunk, entry.chunk_starts
+        ),
     )
     filled = entry.numel % entry.group  # codes of the last symbol that belong to the tensor
     if filled and int(symbols[-1]) >> (filled * entry.bits):

@@ -29,7 +29,7 @@ from .bitpack import packed_size
 from .entropy import MAX_CODE_LENGTH, length_stats, pack_lengths, unpack_lengths
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-VERSION = (1, 1)  # the newest version this module reads and writes
+VERSION = (1, 2)  # the newest version this module reads and writes
 PREAMBLE_SIZE = 24
 ALIGNMENT = 64
 
@@ -71,6 +71,8 @@ TENSOR_KEYS = (
     "scheme",
     "group",
     "code_lengths",
+    "chunk",
+    "chunk_starts",
 )
 QUANTIZED_KINDS = ("packed", "huffman")
 GRANULARITIES = ("tensor", "channel")
@@ -103,6 +105,8 @@ class TensorEntry:
     zero_point: np.ndarray | None = None
     group: int | None = None  # huffman: codes per symbol
     code_lengths: np.ndarray | None = None  # huffman: length of each symbol's codeword
+    chunk: int | None = None  # huffman, optional: symbols per chunk of the chunk index
+    chunk_starts: np.ndarray | None = None  # int64: the stream bit of each later chunk
 
     @property
     def numel(self) -> int:
@@ -130,6 +134,9 @@ class TensorEntry:
         if self.storage == "huffman":
             out["group"] = self.group
             out["code_lengths"] = pack_lengths(self.code_lengths)
+            if self.chunk is not None:
+                out["chunk"] = self.chunk
+                out["chunk_starts"] = [int(v) for v in self.chunk_starts]
         return out
 
 
@@ -165,8 +172,14 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
     if len(body) > MAX_HEADER_BYTES:
         raise E.EncodeError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
     # the lowest minor version whose features the file uses (spec section 9)
-    minor = 1 if any(t.storage == "huffman" for t in tensors) else 0
+    minor = max((_minor_version(t) for t in tensors), default=0)
     return frame_header(body, (VERSION[0], minor))
+
+
+def _minor_version(entry: TensorEntry) -> int:
+    if entry.storage != "huffman":
+        return 0
+    return 1 if entry.chunk is None else 2
 
 
 def frame_header(body: bytes, version: tuple[int, int] = VERSION) -> bytes:
@@ -448,3 +461,37 @@ def _validate_huffman(entry: TensorEntry, raw: dict, path) -> None:
         )
     entry.group = group
     entry.code_lengths = lengths
+    if "chunk" in raw or "chunk_starts" in raw:
+        _validate_chunk_index(entry, raw, symbols, shortest, longest, path)
+
+
+def _validate_chunk_index(
+    entry: TensorEntry, raw: dict, symbols: int, shortest: int, longest: int, path
+) -> None:
+    """Spec 5.2's chunk index: both keys, the right count, each start where ``k * chunk``
+    codewords can end."""
+    name = entry.name
+    for key in ("chunk", "chunk_starts"):
+        if key not in raw:
+            _fail(path, f"a chunk index lacks the key {key!r}", name)
+    chunk, starts = raw["chunk"], raw["chunk_starts"]
+    if type(chunk) is not int or chunk < 1:
+        _fail(path, f"chunk must be an integer >= 1, got {chunk!r}", name)
+    count = max(-(-symbols // chunk) - 1, 0)
+    if type(starts) is not list or len(starts) != count:
+        _fail(path, f"chunk_starts must be an array of {count} integers", name)
+    if not all(type(v) is int for v in starts):
+        _fail(path, "chunk_starts must hold integers only", name)
+    if starts and not 0 <= min(starts) <= max(starts) <= 8 * entry.length:
+        _fail(path, f"a chunk start lies past the {entry.length}-byte stream", name, E.LayoutError)
+    at = np.array(starts, dtype=np.int64)
+    ends = np.arange(1, count + 1, dtype=np.int64) * chunk  # symbols before each start
+    if np.any(at < ends * shortest) or np.any(at > ends * longest):
+        _fail(
+            path,
+            f"a chunk start cannot hold the codewords of {shortest} to {longest} bits before it",
+            name,
+            E.LayoutError,
+        )
+    entry.chunk = chunk
+    entry.chunk_starts = at

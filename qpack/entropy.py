@@ -37,12 +37,21 @@ __all__ = [
     "length_stats",
     "encode_symbols",
     "decode_symbols",
+    "chunk_starts",
     "pack_lengths",
     "unpack_lengths",
     "entropy_bits",
 ]
 
 MAX_CODE_LENGTH = 15
+# The chunk index (spec 5.2) the writer adds to streams of at least CHUNK_INDEX_MIN
+# symbols, in chunks of CHUNK_SYMBOLS.
+CHUNK_SYMBOLS = 1 << 14
+CHUNK_INDEX_MIN = 1 << 18
+# Codewords averaging this many bits or more decode faster four chunks side by side than
+# with lookups of several codewords at once (measured: 1.7x at 7.3 bits, 1.2x at 6.5,
+# 0.8x at 4.6).
+LANES_MIN_BITS = 6
 # Symbols per block in the encoder: enough to amortize numpy's per-call cost, few enough
 # that the uint64 temporaries stay in cache.
 BLOCK = 1 << 17
@@ -238,10 +247,28 @@ def _reversed_codes(lengths: np.ndarray) -> np.ndarray:
 PAIR_TABLE_MIN = 1 << 15  # symbols from which encode_symbols looks up pairs of them
 
 
+def chunk_starts(symbols: np.ndarray, lengths: np.ndarray, chunk: int) -> np.ndarray:
+    """The chunk index of spec 5.2: the stream bit at which each run of ``chunk`` symbols
+    after the first begins (the running sum of the codeword lengths), as int64."""
+    per_symbol = np.zeros(256, dtype=np.uint8)
+    per_symbol[: lengths.size] = lengths
+    bits = np.take(per_symbol, np.asarray(symbols, dtype=np.uint8))
+    if bits.size <= chunk:
+        return np.zeros(0, dtype=np.int64)
+    sums = np.add.reduceat(bits, np.arange(0, bits.size, chunk), dtype=np.int64)
+    return np.cumsum(sums[:-1])
+
+
 def encode_symbols(
-    symbols: np.ndarray, lengths: np.ndarray, counts: np.ndarray | None = None
+    symbols: np.ndarray,
+    lengths: np.ndarray,
+    counts: np.ndarray | None = None,
+    chunk: int = 0,
+    starts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write each symbol's canonical codeword, MSB first, into an LSB-first byte stream.
+    With ``chunk``, the stream's chunk index (:func:`chunk_starts`) goes into ``starts``,
+    an int64 array of ``ceil(len(symbols) / chunk) - 1`` entries.
 
     Vectorized, in blocks of :data:`BLOCK` symbols: one lookup in a 64 Ki table gives the
     bit-reversed codewords of two symbols at once (at most 30 bits), two of those make a
@@ -260,8 +287,11 @@ def encode_symbols(
     total = int(counts @ lengths.astype(np.int64))
     if kernels.native is not None:
         out = np.empty(-(-total // 8), dtype=np.uint8)
-        kernels.native.huffman_encode(symbols, np.ascontiguousarray(lengths, np.uint8), out)
+        index = (chunk, starts) if chunk else ()
+        kernels.native.huffman_encode(symbols, np.ascontiguousarray(lengths, np.uint8), out, *index)
         return out
+    if chunk:
+        starts[:] = chunk_starts(symbols, lengths, chunk)
     code = np.zeros(256, dtype=np.uint64)
     size = np.zeros(256, dtype=np.uint64)
     code[: lengths.size] = _reversed_codes(lengths)
@@ -364,22 +394,44 @@ def deflate_prefix(lengths: np.ndarray) -> bytes:
 
 
 def decode_symbols(
-    data: bytes, lengths: np.ndarray, count: int, out: np.ndarray | None = None
+    data: bytes,
+    lengths: np.ndarray,
+    count: int,
+    out: np.ndarray | None = None,
+    chunk: int | None = None,
+    starts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Decode ``count`` symbols; returns them and the number of stream bits they used.
     ``out``, a writable uint8 array of ``count`` elements, receives the symbols where the
-    compiled decoder runs.
+    compiled decoder runs. ``chunk`` and ``starts`` are the stream's chunk index, if it
+    has one (spec 5.2): the compiled decoder then decodes several chunks at once, and
+    every route checks that each chunk begins where ``starts`` says.
 
-    Raises ValueError when the stream ends early or holds a bit pattern that is no code.
-    Through the DEFLATE route the returned count is exact only for a stream that fills
-    its bytes with zero padding (fewer than 8 bits); any other raises ValueError there.
+    Raises ValueError when the stream ends early, holds a bit pattern that is no code, or
+    does not match its chunk index. Through the DEFLATE route the returned count is exact
+    only for a stream that fills its bytes with zero padding (fewer than 8 bits); any
+    other raises ValueError there.
     """
     if count == 0:
         return np.zeros(0, dtype=np.uint8), 0
     if kernels.native is not None:
         out = np.empty(count, dtype=np.uint8) if out is None else out
         lengths = np.ascontiguousarray(lengths, dtype=np.uint8)
-        return out, kernels.native.huffman_decode(data, lengths, count, out)
+        if chunk is None:
+            return out, kernels.native.huffman_decode(data, lengths, count, out)
+        lanes = 8 * len(data) >= LANES_MIN_BITS * count
+        starts = np.ascontiguousarray(starts, dtype=np.int64)
+        return out, kernels.native.huffman_decode_chunks(
+            data, lengths, count, chunk, starts, out, lanes
+        )
+    symbols, used = _decode_numpy(data, lengths, count)
+    if chunk is not None and not np.array_equal(chunk_starts(symbols, lengths, chunk), starts):
+        raise ValueError("does not begin a chunk where chunk_starts says")
+    return symbols, used
+
+
+def _decode_numpy(data: bytes, lengths: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """:func:`decode_symbols` without the compiled kernels (``count`` > 0)."""
     if has_spare_codeword(lengths):
         return _inflate(data, lengths, count)
     try:

@@ -366,7 +366,14 @@ def codec_accepts(stream: bytes, lengths: np.ndarray, count: int):
     """The codec's own checked route (``codec._huffman_symbols``) on the current backend:
     the symbols, or None when it raises DataError."""
     entry = SimpleNamespace(
-        name="t", numel=count, group=1, bits=8, code_lengths=lengths, length=len(stream)
+        name="t",
+        numel=count,
+        group=1,
+        bits=8,
+        code_lengths=lengths,
+        length=len(stream),
+        chunk=None,
+        chunk_starts=None,
     )
     with codec.scratch_scope():
         try:

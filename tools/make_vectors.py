@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from qpack import codec  # noqa: E402
 from qpack.bitpack import pack_codes  # noqa: E402
 from qpack.container import QUANTIZED_KINDS, TensorEntry, frame_header  # noqa: E402
-from qpack.entropy import encode_symbols, group_codes, huffman_lengths  # noqa: E402
+from qpack.entropy import chunk_starts, encode_symbols, group_codes, huffman_lengths  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 META = {"producer": "qpack conformance vectors"}
@@ -65,12 +65,16 @@ def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> b
     return _join(codec.serialize([(entry, payload)], META))
 
 
-def _huffman(codes, bits, group, lengths, *, stream=None, scale=(0.5,), zero_point=(1.0,)):
-    """A hand-made Huffman tensor; ``stream`` overrides the encoded bytes (CRC kept valid)."""
+def _huffman(
+    codes, bits, group, lengths, *, stream=None, scale=(0.5,), zero_point=(1.0,), chunk=None
+):
+    """A hand-made Huffman tensor; ``stream`` overrides the encoded bytes (CRC kept valid);
+    ``chunk`` adds a chunk index (spec 5.2)."""
     lengths = np.asarray(lengths, dtype=np.uint8)
     codes = np.asarray(codes, dtype=np.uint8)
+    symbols = group_codes(codes, bits, group)
     if stream is None:
-        stream = encode_symbols(group_codes(codes, bits, group), lengths).tobytes()
+        stream = encode_symbols(symbols, lengths).tobytes()
     entry = TensorEntry(
         "w",
         (codes.size,),
@@ -88,7 +92,28 @@ def _huffman(codes, bits, group, lengths, *, stream=None, scale=(0.5,), zero_poi
         group=group,
         code_lengths=lengths,
     )
+    if chunk is not None:
+        entry.chunk, entry.chunk_starts = chunk, chunk_starts(symbols, lengths, chunk)
     return _join(codec.serialize([(entry, stream)], META))
+
+
+def _chunked() -> bytes:
+    """8-bit codes averaging 7 bits, in 13 chunks of 16 symbols (the last one of 8): long
+    enough that a decoder which runs four chunks side by side does so."""
+    codes = _rng(12).integers(0, 128, size=200).astype(np.uint8)
+    lengths = huffman_lengths(np.bincount(codes, minlength=256))
+    return _huffman(codes, 8, 1, lengths, scale=(0.25,), zero_point=(64.0,), chunk=16)
+
+
+def _drop_chunk_start(header, data):
+    header["tensors"][0]["chunk_starts"].pop()
+
+
+def _set_chunk_start(index, delta):
+    def fn(header, data):
+        header["tensors"][0]["chunk_starts"][index] += delta
+
+    return fn
 
 
 # The spec's Huffman worked example: 2-bit codes, one per symbol, lengths 1, 2, 3, 3.
@@ -257,6 +282,10 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         _huffman([1] * 20, 2, 4, [0] * 85 + [1] + [0] * 170),
         "every symbol the same: one codeword of length 1, one bit per symbol",
     )
+    v["huffman_chunk_index"] = (
+        _chunked(),
+        "version 1.2: a chunk index of 16 symbols per chunk (12 starts) on an 8-bit stream",
+    )
     v["future_minor_version"] = (
         _future_minor(v["mini_unet_block"][0]),
         "version 1.99 with unknown optional keys: a 1.x reader ignores them and decodes",
@@ -294,10 +323,10 @@ def _reframe(header: dict, data: bytes, version=(1, 0)) -> bytes:
     return head + bytes(-len(head) % 64) + data
 
 
-def _mutate(blob: bytes, fn) -> bytes:
+def _mutate(blob: bytes, fn, version=(1, 0)) -> bytes:
     header, _, data = _parts(blob)
     data = fn(header, data)
-    return _reframe(header, data if data is not None else _parts(blob)[2])
+    return _reframe(header, data if data is not None else _parts(blob)[2], version)
 
 
 def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
@@ -468,6 +497,25 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         "bad-data",
         "the last symbol's padding codes are not zero",
     )
+    chunked = _chunked()
+    add(
+        "chunk_start_wrong",
+        _mutate(chunked, _set_chunk_start(5, -1), (1, 2)),
+        "bad-data",
+        "a chunk index entry one bit before where its chunk begins",
+    )
+    add(
+        "chunk_starts_count",
+        _mutate(chunked, _drop_chunk_start, (1, 2)),
+        "bad-header",
+        "a chunk index of 11 entries where 13 chunks need 12",
+    )
+    add(
+        "chunk_start_out_of_range",
+        _mutate(chunked, _set_chunk_start(0, 1000), (1, 2)),
+        "bad-layout",
+        "a chunk index entry past where 16 codewords of at most 9 bits can end",
+    )
     add(
         "overflowing_table",
         _handmade((4,), 2, [0, 1, 2, 3], [3e38], [0.0], "tensor"),
@@ -491,7 +539,7 @@ def _set_group(group):
 
 
 def _rebody(body: bytes) -> bytes:
-    head = frame_header(body)
+    head = frame_header(body, (1, 1))  # as first written, when 1.1 was the newest version
     return head + bytes(-len(head) % 64)
 
 
