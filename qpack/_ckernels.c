@@ -730,7 +730,7 @@ decode_chunks(const Canonical *c, const Tables *t, const uint8_t *src, Py_ssize_
               Py_ssize_t count, Py_ssize_t chunk, const int64_t *starts, int lanes,
               uint8_t *dst, long long *used)
 {
-    Py_ssize_t chunks = (count + chunk - 1) / chunk;
+    Py_ssize_t chunks = count / chunk + (count % chunk != 0); /* no overflow */
     Py_ssize_t whole = count / chunk; /* chunks of `chunk` symbols */
     Py_ssize_t k = 0;
     const char *error = NULL;
@@ -783,7 +783,7 @@ huffman_decode_chunks(PyObject *self, PyObject *args)
     Canonical c;
     long long used = 0;
     const char *error = check_stream(&lengths, count, data.len, &c);
-    Py_ssize_t chunks = chunk > 0 ? (count + chunk - 1) / chunk : 0;
+    Py_ssize_t chunks = chunk > 0 ? count / chunk + (count % chunk != 0) : 0;
     if (!error && (chunk < 1 || starts.len != 8 * (chunks ? chunks - 1 : 0) ||
                    ((uintptr_t)starts.buf & 7)))
         error = "bad chunk or chunk_starts";
@@ -868,7 +868,7 @@ huffman_encode(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "code lengths are not a prefix code");
         goto done;
     }
-    Py_ssize_t chunks = chunk > 0 ? (symbols.len + chunk - 1) / chunk : 0;
+    Py_ssize_t chunks = chunk > 0 ? symbols.len / chunk + (symbols.len % chunk != 0) : 0;
     if (chunk < 0 || (chunk && (!starts.buf || ((uintptr_t)starts.buf & 7) ||
                                 starts.len != 8 * (chunks ? chunks - 1 : 0)))) {
         PyErr_SetString(PyExc_ValueError, "bad chunk or chunk_starts");
@@ -884,7 +884,8 @@ huffman_encode(PyObject *self, PyObject *args)
     }
     const uint8_t *sym = symbols.buf;
     uint8_t *dst = out.buf;
-    Py_ssize_t pos = 0, room = out.len, i = 0, n = symbols.len, end = chunk ? chunk : n;
+    Py_ssize_t pos = 0, room = out.len, i = 0, n = symbols.len;
+    Py_ssize_t end = chunk && chunk < n ? chunk : n;
     int64_t *at = starts.buf; /* with a chunk: the bit where each chunk after the first starts */
     uint64_t buf = 0;
     int have = 0; /* bits in buf not yet stored whole: fewer than 8 between runs */

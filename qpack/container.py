@@ -485,7 +485,8 @@ def _validate_chunk_index(
     if starts and not 0 <= min(starts) <= max(starts) <= 8 * entry.length:
         _fail(path, f"a chunk start lies past the {entry.length}-byte stream", name, E.LayoutError)
     at = np.array(starts, dtype=np.int64)
-    ends = np.arange(1, count + 1, dtype=np.int64) * chunk  # symbols before each start
+    # symbols before each start (with a start, chunk < symbols <= 2^48: no overflow)
+    ends = np.arange(1, count + 1, dtype=np.int64) * (chunk if count else 1)
     if np.any(at < ends * shortest) or np.any(at > ends * longest):
         _fail(
             path,

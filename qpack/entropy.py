@@ -422,7 +422,7 @@ def decode_symbols(
         lanes = 8 * len(data) >= LANES_MIN_BITS * count
         starts = np.ascontiguousarray(starts, dtype=np.int64)
         return out, kernels.native.huffman_decode_chunks(
-            data, lengths, count, chunk, starts, out, lanes
+            data, lengths, count, min(chunk, count), starts, out, lanes  # one chunk: the same
         )
     symbols, used = _decode_numpy(data, lengths, count)
     if chunk is not None and not np.array_equal(chunk_starts(symbols, lengths, chunk), starts):
