@@ -564,12 +564,19 @@ check_stream(Py_buffer *lengths, Py_ssize_t count, Py_ssize_t nbytes, Canonical 
     return NULL;
 }
 
+/* The stream bit of the decoder's next symbol. */
+static inline long long
+bit_position(const Bits *b)
+{
+    return 8 * (long long)b->pos - b->have;
+}
+
 /* The used bits, or NULL with ValueError set for `error` or a stream that ran past its
  * end (its last codewords lie beyond the data). */
 static PyObject *
 used_bits(const Bits *b, const char *error)
 {
-    long long used = 8 * (long long)b->pos - b->have;
+    long long used = bit_position(b);
     if (!error && used > 8 * (long long)b->n) error = "ends early";
     if (error) {
         PyErr_SetString(PyExc_ValueError, error);
@@ -608,17 +615,38 @@ huffman_decode(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(huffman_dequantize_doc,
-"huffman_dequantize(data, lengths, count, scale, zero, out) -> used bits\n\n"
+"huffman_dequantize(data, lengths, count, scale, zero, out[, chunk, starts]) -> used bits\n\n"
 "huffman_decode of `count` symbols that are one code each (group 1), written as their\n"
 "float32 values into `out`: run g of count / len(scale) codes decodes as\n"
-"scale[g] * (float32(q) - zero[g]). The same errors as huffman_decode.");
+"scale[g] * (float32(q) - zero[g]). With `chunk` and int64 `starts` (spec 5.2's chunk\n"
+"index), checks that each chunk begins where `starts` says. The same errors as\n"
+"huffman_decode_chunks.");
+
+/* The checks of a chunk index of `count` symbols over `nbytes` bytes: NULL or the error.
+ * A chunk of 0 means none. */
+static const char *
+check_index(Py_ssize_t count, Py_ssize_t chunk, Py_buffer *starts, Py_ssize_t nbytes,
+            Py_ssize_t *chunks)
+{
+    *chunks = chunk > 0 ? count / chunk + (count % chunk != 0) : 0; /* no overflow */
+    if (!chunk) return NULL;
+    if (chunk < 0 || !starts->buf || ((uintptr_t)starts->buf & 7) ||
+        starts->len != 8 * (*chunks ? *chunks - 1 : 0))
+        return "bad chunk or chunk_starts";
+    for (Py_ssize_t k = 0; k + 1 < *chunks; k++) {
+        int64_t at = ((const int64_t *)starts->buf)[k];
+        if (at < 0 || at > 8 * (long long)nbytes) return "bad chunk or chunk_starts";
+    }
+    return NULL;
+}
 
 static PyObject *
 huffman_dequantize(PyObject *self, PyObject *args)
 {
-    Py_buffer data, lengths, scale, zero, out;
-    Py_ssize_t count;
-    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*", &data, &lengths, &count, &scale, &zero, &out))
+    Py_buffer data, lengths, scale, zero, out, starts = {0};
+    Py_ssize_t count, chunk = 0, chunks = 0;
+    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*|ny*", &data, &lengths, &count, &scale, &zero,
+                          &out, &chunk, &starts))
         return NULL;
     PyObject *result = NULL;
     Canonical c;
@@ -626,17 +654,31 @@ huffman_dequantize(PyObject *self, PyObject *args)
     Py_ssize_t groups = scale.len / 4;
     if (!affine_buffers(&scale, &zero, &out, count)) goto done;
     const char *error = check_stream(&lengths, count, data.len, &c);
+    if (!error) error = check_index(count, chunk, &starts, data.len, &chunks);
     if (!error && out.len / 4 < count) error = "output buffer too short";
     if (!error) {
         Py_BEGIN_ALLOW_THREADS
         Tables t;
         build_tables(&c, lengths.buf, lengths.len, count, &t);
         const float *s = scale.buf, *z = zero.buf;
-        Py_ssize_t run = count ? count / groups : 0;
+        const int64_t *at = starts.buf;
+        Py_ssize_t run = count ? count / groups : 0, k = 0;
+        /* the next chunk boundary to check (none past the last chunk's start) */
+        Py_ssize_t next = chunks > 1 ? chunk : PY_SSIZE_T_MAX;
         float values[256];
         for (Py_ssize_t g = 0; g < groups && run && !error; g++) {
             for (uint32_t q = 0; q < 256; q++) values[q] = affine(q, s[g], z[g]);
-            error = decode_values(&c, &t, &b, run, values, (float *)out.buf + g * run);
+            for (Py_ssize_t i = g * run, end = i + run; i < end && !error;) {
+                Py_ssize_t stop = next < end ? next : end;
+                error = decode_values(&c, &t, &b, stop - i, values, (float *)out.buf + i);
+                i = stop;
+                if (!error && i == next) {
+                    if (bit_position(&b) != at[k])
+                        error = "does not begin a chunk where chunk_starts says";
+                    k++;
+                    next = k + 1 < chunks ? next + chunk : PY_SSIZE_T_MAX;
+                }
+            }
         }
         Py_END_ALLOW_THREADS
     }
@@ -647,6 +689,7 @@ done:
     PyBuffer_Release(&scale);
     PyBuffer_Release(&zero);
     PyBuffer_Release(&out);
+    if (starts.obj) PyBuffer_Release(&starts);
     return result;
 }
 
@@ -659,12 +702,6 @@ bits_at(const uint8_t *src, Py_ssize_t n, long long at)
     b.buf >>= at & 7;
     b.have -= (int)(at & 7);
     return b;
-}
-
-static inline long long
-bit_position(const Bits *b)
-{
-    return 8 * (long long)b->pos - b->have;
 }
 
 /* Four chunks of `n` symbols (at `dst`, `dst + n`, ...), decoded in lockstep, one symbol
@@ -783,14 +820,9 @@ huffman_decode_chunks(PyObject *self, PyObject *args)
     Canonical c;
     long long used = 0;
     const char *error = check_stream(&lengths, count, data.len, &c);
-    Py_ssize_t chunks = chunk > 0 ? count / chunk + (count % chunk != 0) : 0;
-    if (!error && (chunk < 1 || starts.len != 8 * (chunks ? chunks - 1 : 0) ||
-                   ((uintptr_t)starts.buf & 7)))
-        error = "bad chunk or chunk_starts";
-    for (Py_ssize_t k = 0; !error && k + 1 < chunks; k++) {
-        int64_t at = ((const int64_t *)starts.buf)[k];
-        if (at < 0 || at > 8 * (long long)data.len) error = "bad chunk or chunk_starts";
-    }
+    Py_ssize_t chunks = 0;
+    if (!error) error = chunk < 1 ? "bad chunk or chunk_starts"
+                                  : check_index(count, chunk, &starts, data.len, &chunks);
     if (!error && out.len < count) error = "output buffer too short";
     if (!error && count) {
         Py_BEGIN_ALLOW_THREADS

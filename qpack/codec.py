@@ -44,6 +44,7 @@ from .entropy import (
     decode_values,
     encode_symbols,
     entropy_bits,
+    lanes_pay,
     ungroup_symbols,
 )
 from .schemes import (
@@ -801,10 +802,14 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if entry.storage == "packed":
         check_packed_padding(entry, data, path)
         dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out)
-    elif entry.group == 1 and entry.chunk is None:  # a symbol is a code: to its value
-        lengths = entry.code_lengths
+    elif entry.group == 1 and not (entry.chunk and lanes_pay(entry.length, entry.numel)):
+        # a symbol is a code: straight to its value (checking any chunk index on the way)
+        lengths, chunk, starts = entry.code_lengths, entry.chunk, entry.chunk_starts
         _huffman_stream(
-            entry, data, path, lambda n: (None, decode_values(data, lengths, n, scale, zero, out))
+            entry,
+            data,
+            path,
+            lambda n: (None, decode_values(data, lengths, n, scale, zero, out, chunk, starts)),
         )
     else:
         count = -(-entry.numel // entry.group)

@@ -432,6 +432,47 @@ def test_a_moved_start_is_rejected_by_every_route(case, which, delta, sign):
 
 
 @native_only
+@settings(max_examples=150, deadline=None)
+@given(case=indexed_streams(), runs=st.integers(1, 7), data=st.data())
+def test_fused_dequantize_checks_the_index_across_runs(case, runs, data):
+    """huffman_dequantize with a chunk index (the route of streams too short-coded for the
+    lanes) gives the values it gives without one, whatever the runs (per-channel scales)
+    and chunks, and rejects any moved start."""
+    symbols, lengths, chunk = case
+    n = symbols.size - symbols.size % runs
+    symbols = symbols[:n]
+    assume(n > 0)
+    stream, total = reference_stream(symbols, lengths)
+    starts = reference_starts(symbols, lengths, chunk)
+    scale = np.linspace(0.5, 2.0, runs, dtype=np.float32)
+    zero = np.linspace(-3.0, 7.0, runs, dtype=np.float32)
+    want = np.empty(n, np.float32)
+    assert NATIVE.huffman_dequantize(stream, lengths, n, scale, zero, want) == total
+    got = np.empty(n, np.float32)
+    assert NATIVE.huffman_dequantize(stream, lengths, n, scale, zero, got, chunk, starts) == total
+    assert np.array_equal(bits_of(got), bits_of(want))
+    assume(starts.size >= 1)
+    moved = starts.copy()
+    k = data.draw(st.integers(0, starts.size - 1))
+    shift = data.draw(st.sampled_from([-3, -1, 1, 2, 7]))
+    moved[k] = min(max(moved[k] + shift, 0), 8 * len(stream))
+    assume(moved[k] != starts[k])
+    with pytest.raises(ValueError, match="chunk_starts"):
+        NATIVE.huffman_dequantize(stream, lengths, n, scale, zero, got, chunk, moved)
+
+
+@native_only
+def test_fused_dequantize_rejects_a_bad_index_buffer():
+    symbols, lengths = _wide_stream(100)
+    stream, _ = reference_stream(symbols, lengths)
+    one, out = np.ones(1, np.float32), np.empty(100, np.float32)
+    starts = reference_starts(symbols, lengths, 30)
+    for chunk, bad in ((30, starts[:-1]), (30, _misaligned_copy(starts)), (-1, starts)):
+        with pytest.raises(ValueError, match="bad chunk"):
+            NATIVE.huffman_dequantize(stream, lengths, 100, one, one, out, chunk, bad)
+
+
+@native_only
 def test_every_moved_start_of_a_long_stream_is_rejected_in_the_lanes():
     """Each start of a 40-chunk stream, moved by -7..+7 bits: rejected by the four-lane
     decoder (whichever lane or tail holds it) and by the one-chunk-at-a-time decoder."""
