@@ -46,10 +46,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import qpack
-from qpack import demo, synthetic
-from qpack.cli import read_checkpoint
-from qpack.unet import default_checkpoint_path
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, uninstalled
+
+import qpack  # noqa: E402
+from qpack import demo, synthetic  # noqa: E402
+from qpack.cli import read_checkpoint  # noqa: E402
+from qpack.unet import default_checkpoint_path  # noqa: E402
 
 BITS = (8, 4, 3)
 GGUF_TYPES = ("Q8_0", "Q4_0")
