@@ -466,7 +466,9 @@ def decode_values(
     value (spec 6.1, run by run as :func:`qpack.schemes.dequantize`) into ``out`` instead
     of the symbol; returns the used bits. The chunk index, if any, is checked, not used
     to decode. Compiled kernels only."""
-    index = () if chunk is None or count == 0 else (min(chunk, count), starts)
+    index = ()
+    if chunk is not None and count:
+        index = (min(chunk, count), np.ascontiguousarray(starts, dtype=np.int64))
     return kernels.native.huffman_dequantize(
         data,
         np.ascontiguousarray(lengths, dtype=np.uint8),
