@@ -622,29 +622,45 @@ PyDoc_STRVAR(huffman_dequantize_doc,
 "index), checks that each chunk begins where `starts` says. The same errors as\n"
 "huffman_decode_chunks.");
 
-/* The checks of a chunk index of `count` symbols over `nbytes` bytes: NULL or the error.
- * A chunk of 0 means none. */
-static const char *
-check_index(Py_ssize_t count, Py_ssize_t chunk, Py_buffer *starts, Py_ssize_t nbytes,
-            Py_ssize_t *chunks)
+/* Chunks of `chunk` symbols in `count` (0 for a chunk of 0: no index); no overflow. */
+static inline Py_ssize_t
+chunk_count(Py_ssize_t count, Py_ssize_t chunk)
 {
-    *chunks = chunk > 0 ? count / chunk + (count % chunk != 0) : 0; /* no overflow */
-    if (!chunk) return NULL;
+    return chunk > 0 ? count / chunk + (count % chunk != 0) : 0;
+}
+
+/* The shape of a chunk index with a nonzero `chunk`: NULL, or the error for a chunk below
+ * 1 or `starts` not an aligned int64 buffer of one entry per chunk after the first. */
+static const char *
+index_shape(Py_ssize_t count, Py_ssize_t chunk, const Py_buffer *starts)
+{
+    Py_ssize_t chunks = chunk_count(count, chunk);
     if (chunk < 0 || !starts->buf || ((uintptr_t)starts->buf & 7) ||
-        starts->len != 8 * (*chunks ? *chunks - 1 : 0))
+        starts->len != 8 * (chunks ? chunks - 1 : 0))
         return "bad chunk or chunk_starts";
-    for (Py_ssize_t k = 0; k + 1 < *chunks; k++) {
-        int64_t at = ((const int64_t *)starts->buf)[k];
-        if (at < 0 || at > 8 * (long long)nbytes) return "bad chunk or chunk_starts";
-    }
     return NULL;
+}
+
+/* The checks of a chunk index of `count` symbols over `nbytes` bytes: its shape and every
+ * start inside the stream. NULL or the error; a chunk of 0 means none. */
+static const char *
+check_index(Py_ssize_t count, Py_ssize_t chunk, Py_buffer *starts, Py_ssize_t nbytes)
+{
+    if (!chunk) return NULL;
+    const char *error = index_shape(count, chunk, starts);
+    Py_ssize_t chunks = chunk_count(count, chunk);
+    for (Py_ssize_t k = 0; !error && k + 1 < chunks; k++) {
+        int64_t at = ((const int64_t *)starts->buf)[k];
+        if (at < 0 || at > 8 * (long long)nbytes) error = "bad chunk or chunk_starts";
+    }
+    return error;
 }
 
 static PyObject *
 huffman_dequantize(PyObject *self, PyObject *args)
 {
     Py_buffer data, lengths, scale, zero, out, starts = {0};
-    Py_ssize_t count, chunk = 0, chunks = 0;
+    Py_ssize_t count, chunk = 0;
     if (!PyArg_ParseTuple(args, "y*y*ny*y*w*|ny*", &data, &lengths, &count, &scale, &zero,
                           &out, &chunk, &starts))
         return NULL;
@@ -654,7 +670,7 @@ huffman_dequantize(PyObject *self, PyObject *args)
     Py_ssize_t groups = scale.len / 4;
     if (!affine_buffers(&scale, &zero, &out, count)) goto done;
     const char *error = check_stream(&lengths, count, data.len, &c);
-    if (!error) error = check_index(count, chunk, &starts, data.len, &chunks);
+    if (!error) error = check_index(count, chunk, &starts, data.len);
     if (!error && out.len / 4 < count) error = "output buffer too short";
     if (!error) {
         Py_BEGIN_ALLOW_THREADS
@@ -662,7 +678,7 @@ huffman_dequantize(PyObject *self, PyObject *args)
         build_tables(&c, lengths.buf, lengths.len, count, &t);
         const float *s = scale.buf, *z = zero.buf;
         const int64_t *at = starts.buf;
-        Py_ssize_t run = count ? count / groups : 0, k = 0;
+        Py_ssize_t run = count ? count / groups : 0, k = 0, chunks = chunk_count(count, chunk);
         /* the next chunk boundary to check (none past the last chunk's start) */
         Py_ssize_t next = chunks > 1 ? chunk : PY_SSIZE_T_MAX;
         float values[256];
@@ -767,7 +783,7 @@ decode_chunks(const Canonical *c, const Tables *t, const uint8_t *src, Py_ssize_
               Py_ssize_t count, Py_ssize_t chunk, const int64_t *starts, int lanes,
               uint8_t *dst, long long *used)
 {
-    Py_ssize_t chunks = count / chunk + (count % chunk != 0); /* no overflow */
+    Py_ssize_t chunks = chunk_count(count, chunk);
     Py_ssize_t whole = count / chunk; /* chunks of `chunk` symbols */
     Py_ssize_t k = 0;
     const char *error = NULL;
@@ -820,9 +836,8 @@ huffman_decode_chunks(PyObject *self, PyObject *args)
     Canonical c;
     long long used = 0;
     const char *error = check_stream(&lengths, count, data.len, &c);
-    Py_ssize_t chunks = 0;
     if (!error) error = chunk < 1 ? "bad chunk or chunk_starts"
-                                  : check_index(count, chunk, &starts, data.len, &chunks);
+                                  : check_index(count, chunk, &starts, data.len);
     if (!error && out.len < count) error = "output buffer too short";
     if (!error && count) {
         Py_BEGIN_ALLOW_THREADS
@@ -900,10 +915,8 @@ huffman_encode(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "code lengths are not a prefix code");
         goto done;
     }
-    Py_ssize_t chunks = chunk > 0 ? symbols.len / chunk + (symbols.len % chunk != 0) : 0;
-    if (chunk < 0 || (chunk && (!starts.buf || ((uintptr_t)starts.buf & 7) ||
-                                starts.len != 8 * (chunks ? chunks - 1 : 0)))) {
-        PyErr_SetString(PyExc_ValueError, "bad chunk or chunk_starts");
+    if (chunk && (error = index_shape(symbols.len, chunk, &starts))) {
+        PyErr_SetString(PyExc_ValueError, error);
         goto done;
     }
     long long written = 0;

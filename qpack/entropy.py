@@ -420,14 +420,19 @@ def decode_symbols(
         if chunk is None:
             return out, kernels.native.huffman_decode(data, lengths, count, out)
         lanes = lanes_pay(len(data), count)
-        starts = np.ascontiguousarray(starts, dtype=np.int64)
         return out, kernels.native.huffman_decode_chunks(
-            data, lengths, count, min(chunk, count), starts, out, lanes  # one chunk: the same
+            data, lengths, count, *_index_args(chunk, starts, count), out, lanes
         )
     symbols, used = _decode_numpy(data, lengths, count)
     if chunk is not None and not np.array_equal(chunk_starts(symbols, lengths, chunk), starts):
         raise ValueError("does not begin a chunk where chunk_starts says")
     return symbols, used
+
+
+def _index_args(chunk: int, starts, count: int) -> tuple[int, np.ndarray]:
+    """A chunk index as the compiled kernels take it: a chunk of at most ``count`` (one
+    chunk either way; a larger one would not fit a C integer) and int64 starts."""
+    return min(chunk, count), np.ascontiguousarray(starts, dtype=np.int64)
 
 
 def lanes_pay(nbytes: int, count: int) -> bool:
@@ -466,9 +471,7 @@ def decode_values(
     value (spec 6.1, run by run as :func:`qpack.schemes.dequantize`) into ``out`` instead
     of the symbol; returns the used bits. The chunk index, if any, is checked, not used
     to decode. Compiled kernels only."""
-    index = ()
-    if chunk is not None and count:
-        index = (min(chunk, count), np.ascontiguousarray(starts, dtype=np.int64))
+    index = () if chunk is None or count == 0 else _index_args(chunk, starts, count)
     return kernels.native.huffman_dequantize(
         data,
         np.ascontiguousarray(lengths, dtype=np.uint8),
