@@ -44,6 +44,7 @@ from .entropy import (
     decode_values,
     encode_symbols,
     entropy_bits,
+    index_chunk,
     lanes_pay,
     ungroup_symbols,
 )
@@ -168,9 +169,10 @@ def encode_tensor(
     entry, codes, huffman = _quantize(name, array, dtype, bits, scheme, entropy)
     if entry.storage == "huffman":
         symbols, counts = huffman
-        if symbols.size >= CHUNK_INDEX_MIN:  # long streams get a chunk index (spec 5.2)
-            entry.chunk = CHUNK_SYMBOLS
-            entry.chunk_starts = np.empty(-(-symbols.size // CHUNK_SYMBOLS) - 1, np.int64)
+        # long streams get a chunk index (spec 5.2)
+        entry.chunk = index_chunk(symbols.size, CHUNK_SYMBOLS, CHUNK_INDEX_MIN)
+        if entry.chunk:
+            entry.chunk_starts = np.empty(-(-symbols.size // entry.chunk) - 1, np.int64)
         payload = encode_symbols(
             symbols, entry.code_lengths, counts, entry.chunk or 0, entry.chunk_starts
         )

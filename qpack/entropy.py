@@ -45,9 +45,10 @@ __all__ = [
 
 MAX_CODE_LENGTH = 15
 # The chunk index (spec 5.2) the writer adds to streams of at least CHUNK_INDEX_MIN
-# symbols, in chunks of CHUNK_SYMBOLS.
+# symbols, in chunks of at most CHUNK_SYMBOLS (see index_chunk).
 CHUNK_SYMBOLS = 1 << 14
-CHUNK_INDEX_MIN = 1 << 18
+CHUNK_INDEX_MIN = 1 << 14
+LANES = 4  # chunks the compiled decoder decodes side by side
 # Codewords averaging this many bits or more decode faster four chunks side by side than
 # with lookups of several codewords at once (measured on 1 Mi symbols: 1.6x at 7.1 bits,
 # 1.4x at 5.1, 1.05x at 4.1, 0.9x at 3.1 and below).
@@ -433,6 +434,19 @@ def _index_args(chunk: int, starts, count: int) -> tuple[int, np.ndarray]:
     """A chunk index as the compiled kernels take it: a chunk of at most ``count`` (one
     chunk either way; a larger one would not fit a C integer) and int64 starts."""
     return min(chunk, count), np.ascontiguousarray(starts, dtype=np.int64)
+
+
+def index_chunk(
+    count: int, largest: int = CHUNK_SYMBOLS, minimum: int = CHUNK_INDEX_MIN
+) -> int | None:
+    """The chunk the writer indexes a stream of ``count`` symbols with (spec 5.2), None for
+    none (under ``minimum`` symbols): at most ``largest`` symbols, as many whole chunks as
+    a multiple of :data:`LANES` (in streams under 2^27 symbols), so that four-lane
+    decoding covers all but fewer symbols than there are chunks."""
+    if count < max(minimum, LANES):
+        return None
+    rounds = -(-count // (LANES * largest))  # steps of four chunks of at most `largest`
+    return max(count // (LANES * rounds), 1)
 
 
 def lanes_pay(nbytes: int, count: int) -> bool:

@@ -738,9 +738,14 @@ def _weights() -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def index_writer(chunk: int = CHUNK, index_min: int = INDEX_MIN):
+    """The writer, indexing streams of ``index_min`` symbols or more in chunks of exactly
+    ``chunk`` (the library's own policy is tested on its own)."""
+
+    def fixed(count: int, *_) -> int | None:
+        return chunk if count >= index_min else None
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec, "CHUNK_INDEX_MIN", index_min)
-        mp.setattr(codec, "CHUNK_SYMBOLS", chunk)
+        mp.setattr(codec, "index_chunk", fixed)
         yield
 
 
@@ -867,8 +872,8 @@ def test_header_version_follows_the_index():
     a, b = codec.Reader(indexed_file()), codec.Reader(unindexed)
     for entry in a.header.tensors:
         assert bytes(a.payload(entry)) == bytes(b.payload(b.entry(entry.name))), entry.name
-    # the default writer (index from 2^18 symbols) leaves these small tensors unindexed
-    assert codec.CHUNK_INDEX_MIN == H.CHUNK_INDEX_MIN == 1 << 18
+    # the default writer (index from 2^14 symbols) leaves these small tensors unindexed
+    assert codec.CHUNK_INDEX_MIN == H.CHUNK_INDEX_MIN == 1 << 14
     assert codec.CHUNK_SYMBOLS == H.CHUNK_SYMBOLS == 1 << 14
     plain = codec.encode(_weights(), bits=BITS, entropy=True)
     assert codec.Reader(plain).header.version == (1, 1)
@@ -1212,3 +1217,38 @@ def test_device_decoder_rejects_a_wrong_start(native):
         with pytest.raises(E.DataError) as info:
             decode_on_device(entry, reader.payload(entry), "cpu")
     assert (info.value.code, info.value.tensor) == ("bad-data", "w8")
+
+
+@pytest.mark.parametrize(
+    "count", [1, 3, 4, 16383, 16384, 16385, 20_000, 65_535, 65_536, 65_537, 331_776, 10**7]
+)
+def test_index_chunk_policy(count):
+    """The writer's chunks: none under 2^14 symbols; else at most 16384 symbols, a multiple
+    of four whole chunks, and fewer symbols left over than there are chunks."""
+    chunk = H.index_chunk(count)
+    if count < H.CHUNK_INDEX_MIN:
+        assert chunk is None
+        return
+    whole = count // chunk
+    assert 1 <= chunk <= H.CHUNK_SYMBOLS
+    assert whole % H.LANES == 0
+    assert count - whole * chunk < whole  # under one leftover symbol per chunk
+    # no larger chunk keeps the same number of four-chunk steps
+    assert count // (chunk + 1) < whole or (chunk + 1) > H.CHUNK_SYMBOLS
+
+
+def test_default_writer_indexes_streams_from_2_14_symbols_for_four_lanes():
+    """A 20000-symbol 8-bit stream gets four chunks of 5000 (three starts); it decodes the
+    same as without the index, through every route."""
+    rng = np.random.default_rng(7)
+    weights = {"w": rng.laplace(size=(8, 2500)).astype(np.float32)}
+    blob = codec.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+    entry = codec.Reader(blob).entry("w")
+    assert entry.storage == "huffman" and entry.group == 1
+    assert entry.chunk == 5000 and len(entry.chunk_starts) == 3
+    with index_writer(index_min=1 << 40):
+        plain = codec.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+    assert codec.Reader(plain).entry("w").chunk is None
+    for native in (None, NATIVE) if NATIVE is not None else (None,):
+        got, want = decode_all(blob, native), decode_all(plain, native)
+        assert np.array_equal(bits_of(got["w"]), bits_of(want["w"]))
