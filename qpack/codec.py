@@ -170,7 +170,7 @@ def encode_tensor(
     if entry.storage == "huffman":
         symbols, counts = huffman
         # long streams get a chunk index (spec 5.2)
-        entry.chunk = index_chunk(symbols.size, CHUNK_SYMBOLS, CHUNK_INDEX_MIN)
+        entry.chunk = index_chunk(symbols.size, entry.length, CHUNK_SYMBOLS, CHUNK_INDEX_MIN)
         if entry.chunk:
             entry.chunk_starts = np.empty(-(-symbols.size // entry.chunk) - 1, np.int64)
         payload = encode_symbols(

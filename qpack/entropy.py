@@ -44,10 +44,13 @@ __all__ = [
 ]
 
 MAX_CODE_LENGTH = 15
-# The chunk index (spec 5.2) the writer adds to streams of at least CHUNK_INDEX_MIN
-# symbols, in chunks of at most CHUNK_SYMBOLS (see index_chunk).
+# The chunk index (spec 5.2) the writer adds (see index_chunk): to streams of at least
+# CHUNK_INDEX_MIN symbols where four-lane decoding pays, and to every stream of at least
+# CHUNK_INDEX_ALWAYS (for decoders that split a stream across threads or a GPU), in chunks
+# of at most CHUNK_SYMBOLS.
 CHUNK_SYMBOLS = 1 << 14
 CHUNK_INDEX_MIN = 1 << 14
+CHUNK_INDEX_ALWAYS = 1 << 18
 LANES = 4  # chunks the compiled decoder decodes side by side
 # Codewords averaging this many bits or more decode faster four chunks side by side than
 # with lookups of several codewords at once (measured on 1 Mi symbols: 1.6x at 7.1 bits,
@@ -437,13 +440,17 @@ def _index_args(chunk: int, starts, count: int) -> tuple[int, np.ndarray]:
 
 
 def index_chunk(
-    count: int, largest: int = CHUNK_SYMBOLS, minimum: int = CHUNK_INDEX_MIN
+    count: int, nbytes: int, largest: int = CHUNK_SYMBOLS, minimum: int = CHUNK_INDEX_MIN
 ) -> int | None:
-    """The chunk the writer indexes a stream of ``count`` symbols with (spec 5.2), None for
-    none (under ``minimum`` symbols): at most ``largest`` symbols, as many whole chunks as
+    """The chunk the writer indexes a stream of ``count`` symbols in ``nbytes`` with (spec
+    5.2), None for none: none under ``minimum`` symbols, nor under
+    :data:`CHUNK_INDEX_ALWAYS` where the codewords are too short for four-lane decoding to
+    pay (:func:`lanes_pay`). Chunks of at most ``largest`` symbols, as many whole ones as
     a multiple of :data:`LANES` (in streams under 2^27 symbols), so that four-lane
     decoding covers all but fewer symbols than there are chunks."""
     if count < max(minimum, LANES):
+        return None
+    if count < CHUNK_INDEX_ALWAYS and not lanes_pay(nbytes, count):
         return None
     rounds = -(-count // (LANES * largest))  # steps of four chunks of at most `largest`
     return max(count // (LANES * rounds), 1)

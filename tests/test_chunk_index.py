@@ -1225,7 +1225,7 @@ def test_device_decoder_rejects_a_wrong_start(native):
 def test_index_chunk_policy(count):
     """The writer's chunks: none under 2^14 symbols; else at most 16384 symbols, a multiple
     of four whole chunks, and fewer symbols left over than there are chunks."""
-    chunk = H.index_chunk(count)
+    chunk = H.index_chunk(count, count)  # 8-bit codewords: four lanes pay
     if count < H.CHUNK_INDEX_MIN:
         assert chunk is None
         return
@@ -1252,3 +1252,12 @@ def test_default_writer_indexes_streams_from_2_14_symbols_for_four_lanes():
     for native in (None, NATIVE) if NATIVE is not None else (None,):
         got, want = decode_all(blob, native), decode_all(plain, native)
         assert np.array_equal(bits_of(got["w"]), bits_of(want["w"]))
+
+
+def test_short_codewords_get_an_index_only_on_long_streams():
+    """Four-lane decoding pays from 4 bits per codeword: shorter ones get no index under
+    2^18 symbols (it would only cost bytes), and one from 2^18 (for parallel decoders)."""
+    for count in (1 << 14, 100_000, (1 << 18) - 1):
+        assert H.index_chunk(count, -(-count // 2)) is not None  # 4 bits a codeword
+        assert H.index_chunk(count, count * 3 // 8) is None  # 3 bits
+    assert H.index_chunk(1 << 18, (1 << 18) // 8) == 1 << 14  # 1 bit: long, indexed
