@@ -44,8 +44,11 @@ Run it from the repository root::
     python tools/bench.py --device cuda        # add the GPU decode rows
     python tools/bench.py --quick              # tiny workload, repeat 1 (smoke test)
 
-A full default run takes a few minutes on 2 cores. Files are written to a directory in
-/dev/shm (tmpfs) when it exists, so disk speed does not enter the timings.
+Unless ``--fresh-memory`` is given, the bench asks glibc's malloc to keep the memory the
+timed runs free (see ``keep_freed_memory``), so that no timing includes page faults by the
+chance of the heap's state. A full default run takes a few minutes on 2 cores. Files are
+written to a directory in /dev/shm (tmpfs) when it exists, so disk speed does not enter
+the timings.
 """
 
 from __future__ import annotations
@@ -108,6 +111,36 @@ def timed_run(fn: Callable[[], Any]) -> tuple[float, int]:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start, minor_faults() - before
+
+
+# glibc mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit
+
+
+def keep_freed_memory() -> str:
+    """Ask glibc's malloc to keep the memory the timed runs free (no trimming of the heap,
+    and blocks up to 32 MiB from it, not from fresh mappings), so that every contender
+    reuses warm pages from the second run on. Otherwise the heap's state decides, run by
+    run, whether a timing includes thousands of page faults (about 2.5 us each on the
+    project's VM): one bench run of three saw every malloc-based row (qpack, torch.load,
+    clone) take 2-9k faults a run, and numpy's large arrays, which it maps with huge
+    pages, almost none. Returns what was done, for the report."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+    except (OSError, AttributeError, TypeError):
+        return "default (not glibc)"
+    trim = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    mmap = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+    if not (trim and mmap):
+        return f"glibc {version}, default (mallopt refused)"
+    return f"glibc {version}, freed memory kept (trim 1 GiB, mmap from 32 MiB)"
 
 
 def median(values: list[float]) -> float:
@@ -894,8 +927,15 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cuda: also time qpack.load(device='cuda')",
     )
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default the bench keeps freed memory in "
+        "the process, so page faults do not enter the timings at random)",
+    )
     args = parser.parse_args(argv)
 
+    malloc = "default (--fresh-memory)" if args.fresh_memory else keep_freed_memory()
     started = time.perf_counter()
     shm = Path("/dev/shm")
     use_shm = shm.is_dir() and os.access(shm, os.W_OK)
@@ -904,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as tmpname:
         tmp = Path(tmpname)
         info = machine_info(f"{tmp.parent} ({'tmpfs' if use_shm else 'tempfile default'})")
+        info["malloc"] = malloc
         results = []
         for name in ("conv19m", "unet"):
             if args.only and args.only != name:
