@@ -171,16 +171,18 @@ dequantize_run(const uint8_t *src, Py_ssize_t nbytes, int bits, int group, Py_ss
                Py_ssize_t end, float scale, float zero, float *out, int stream)
 {
 #ifdef HAVE_STREAM
-    if (stream && (bits == 8 || (bits == 4 && group != 1)))
-        i = stream_run(src, bits, i, end, scale, zero, out);
+    if (stream && (bits == 8 || group == 1 || bits == 4))
+        i = stream_run(src, bits == 8 || group == 1 ? 8 : 4, i, end, scale, zero, out);
 #else
     (void)stream;
 #endif
-    if (bits == 8) { /* a byte is a code: the values directly, a loop compilers vectorize */
+    /* a byte is a code (8-bit codes, or symbols of one code): the values directly, a loop
+     * compilers vectorize; any byte value decodes as numpy would, as through a table */
+    if (bits == 8 || group == 1) {
         for (; i < end; i++) out[i] = affine(src[i], scale, zero);
         return;
     }
-    if (bits == 4 && group != 1) { /* two codes to a byte: also a vectorized loop */
+    if (bits == 4) { /* two codes to a byte: also a vectorized loop */
         if (i < end && (i & 1)) out[i] = affine(src[i >> 1] >> 4, scale, zero), i++;
         const uint8_t *pair = src + (i >> 1);
         float *to = out + i;
@@ -195,11 +197,6 @@ dequantize_run(const uint8_t *src, Py_ssize_t nbytes, int bits, int group, Py_ss
     }
     float t[256];
     for (uint32_t q = 0; q < (1u << bits); q++) t[q] = affine(q, scale, zero);
-    if (group == 1) { /* a byte is a code: any byte value decodes as numpy would */
-        for (uint32_t q = 1u << bits; q < 256; q++) t[q] = affine(q, scale, zero);
-        for (; i < end; i++) out[i] = t[src[i]];
-        return;
-    }
     /* symbols of fewer than 8 bits; 8 / bits codes to a byte lie as in a packed stream */
     switch (group * bits < 8 ? bits * 8 + group : 0) { /* literals: unrolled loops */
     case 1 * 8 + 2: symbol_run(src, 1, 2, i, end, t, out); return;
