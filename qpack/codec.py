@@ -37,8 +37,6 @@ from .container import (
     read_header,
 )
 from .entropy import (
-    CHUNK_INDEX_MIN,
-    CHUNK_SYMBOLS,
     best_group,
     decode_symbols,
     decode_values,
@@ -170,7 +168,7 @@ def encode_tensor(
     if entry.storage == "huffman":
         symbols, counts = huffman
         # long streams get a chunk index (spec 5.2)
-        entry.chunk = index_chunk(symbols.size, entry.length, CHUNK_SYMBOLS, CHUNK_INDEX_MIN)
+        entry.chunk = index_chunk(symbols.size, entry.length)
         if entry.chunk:
             entry.chunk_starts = np.empty(-(-symbols.size // entry.chunk) - 1, np.int64)
         payload = encode_symbols(

@@ -439,21 +439,19 @@ def _index_args(chunk: int, starts, count: int) -> tuple[int, np.ndarray]:
     return min(chunk, count), np.ascontiguousarray(starts, dtype=np.int64)
 
 
-def index_chunk(
-    count: int, nbytes: int, largest: int = CHUNK_SYMBOLS, minimum: int = CHUNK_INDEX_MIN
-) -> int | None:
+def index_chunk(count: int, nbytes: int) -> int | None:
     """The chunk the writer indexes a stream of ``count`` symbols in ``nbytes`` with (spec
-    5.2), None for none: none under ``minimum`` symbols, nor under
+    5.2), None for none: none under :data:`CHUNK_INDEX_MIN` symbols, nor under
     :data:`CHUNK_INDEX_ALWAYS` where the codewords are too short for four-lane decoding to
-    pay (:func:`lanes_pay`). Chunks of at most ``largest`` symbols, as many whole ones as
-    a multiple of :data:`LANES` (in streams under 2^27 symbols), so that four-lane
+    pay (:func:`lanes_pay`). Chunks of at most :data:`CHUNK_SYMBOLS`, as many whole ones
+    as a multiple of :data:`LANES` (in streams under 2^27 symbols), so that four-lane
     decoding covers all but fewer symbols than there are chunks."""
-    if count < max(minimum, LANES):
+    if count < CHUNK_INDEX_MIN:
         return None
     if count < CHUNK_INDEX_ALWAYS and not lanes_pay(nbytes, count):
         return None
-    rounds = -(-count // (LANES * largest))  # steps of four chunks of at most `largest`
-    return max(count // (LANES * rounds), 1)
+    rounds = -(-count // (LANES * CHUNK_SYMBOLS))  # steps of four chunks of at most 16384
+    return count // (LANES * rounds)
 
 
 def lanes_pay(nbytes: int, count: int) -> bool:

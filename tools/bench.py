@@ -60,6 +60,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,12 +142,6 @@ def keep_freed_memory() -> str:
     if not (trim and mmap):
         return f"glibc {version}, default (mallopt refused)"
     return f"glibc {version}, freed memory kept (trim 1 GiB, mmap from 32 MiB)"
-
-
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class Results:
@@ -252,7 +247,7 @@ class Results:
             rounds = [
                 scale * d / n for n, d in zip(num["times_s"], den["times_s"], strict=False)
             ]
-            typical = median(rounds) if len(rounds) > 1 else best
+            typical = statistics.median(rounds) if len(rounds) > 1 else best
             if target is None:
                 text, ok = "-", None
             else:
