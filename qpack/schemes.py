@@ -259,10 +259,9 @@ def decodes_finite(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> bool
         bound = abs(float(scale.flat[0])) * (abs(float(zero.flat[0])) + (1 << bits))
         if bound < 1e38:
             return True
-    elif scale.size:
-        with np.errstate(over="ignore"):  # an overflow only means the exact check runs
-            if np.max(np.abs(scale) * (np.abs(zero) + (1 << bits))) < 1e38:
-                return True
+    elif scale.size:  # a looser bound, in float64 (cannot overflow): four array calls
+        if float(np.abs(scale).max()) * (float(np.abs(zero).max()) + (1 << bits)) < 1e38:
+            return True
     ends = np.array([0, (1 << bits) - 1], dtype=np.float32)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
         values = scale[:, None] * (ends - zero[:, None])
