@@ -257,11 +257,11 @@ def decodes_finite(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> bool
     # every value, so the exact check below is not needed
     if scale.size == 1:  # no array calls
         bound = abs(float(scale.flat[0])) * (abs(float(zero.flat[0])) + (1 << bits))
-        if bound < 1e38:
-            return True
-    elif scale.size:  # a looser bound, in float64 (cannot overflow): four array calls
-        if float(np.abs(scale).max()) * (float(np.abs(zero).max()) + (1 << bits)) < 1e38:
-            return True
+    else:  # a looser bound, in float64 (no overflow): four array calls (none if empty)
+        top = float(np.abs(scale).max()) if scale.size else 0.0
+        bound = top * (float(np.abs(zero).max()) + (1 << bits)) if top else 0.0
+    if bound < 1e38:
+        return True
     ends = np.array([0, (1 << bits) - 1], dtype=np.float32)[None, :]
     with np.errstate(over="ignore", invalid="ignore"):
         values = scale[:, None] * (ends - zero[:, None])

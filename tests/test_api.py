@@ -322,6 +322,38 @@ def test_save_matches_numpy_encode(tmp_path):
     assert (tmp_path / "a.qpk").read_bytes() == blob
 
 
+@pytest.mark.parametrize("budget", [0, 50, 1 << 26])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_payloads_past_the_memory_budget_wait_in_a_spool_file(
+    tmp_path, monkeypatch, budget, kernel_copy
+):
+    """A save keeps encoded payloads in memory up to codec.SPOOL_MEMORY bytes and spools
+    the rest to a temporary file (copied in the kernel, or through Python where that
+    fails): the file is the same byte for byte, and the spool is gone afterwards."""
+    from qpack import codec
+
+    state = {k: v for k, v in sample_state().items() if v.dtype != torch.bfloat16}
+    blob = qpack.encode({k: v.numpy() for k, v in state.items()}, bits=5)
+    header = codec.Reader(blob).header
+    coded = [e.length for e in header.tensors if e.storage != "raw"]
+    assert min(coded) < 50 < max(coded)  # the middle budget holds one payload, not the other
+    spools = []
+    made = codec.tempfile.TemporaryFile
+
+    def spool(*args, **kwargs):
+        spools.append(made(*args, **kwargs))
+        return spools[-1]
+
+    monkeypatch.setattr(codec, "SPOOL_MEMORY", budget)
+    monkeypatch.setattr(codec.tempfile, "TemporaryFile", spool)
+    if not kernel_copy:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    qpack.save(state, tmp_path / "a.qpk", bits=5)
+    assert (tmp_path / "a.qpk").read_bytes() == blob
+    assert len(spools) == (budget < sum(coded)) and all(f.closed for f in spools)
+    assert files_in(tmp_path) == ["a.qpk"]
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_numpy_path_matches_torch_load(tmp_path, scheme):
     state = sample_state()
