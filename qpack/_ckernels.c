@@ -755,7 +755,7 @@ decode_four(const Canonical *c, const Tables *t, Bits *state, Py_ssize_t n, uint
     long long at[4];
     uint64_t word[4];
     uint8_t *o = dst; /* lane j writes o[j * n] */
-    const uint8_t *end = dst + n - 2;
+    const uint8_t *end = dst + (n > 2 ? n - 2 : 0); /* steps of three while o < end */
     for (int j = 0; j < 4; j++) at[j] = bit_position(&state[j]);
     while (o < end && at[0] <= last && at[1] <= last && at[2] <= last && at[3] <= last) {
         /* the next 57+ stream bits of each lane: room for three codewords of up to 15 */
