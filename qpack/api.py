@@ -140,7 +140,10 @@ def _decode_into_torch(reader: Reader):
     # torch's kernels use every core: faster on one decoding thread, slower on several
     workers = reader.default_workers()
     dequant = dequantize_cpu if workers == 1 else None
-    for entry, _ in reader.arrays(workers, alloc=alloc, dequant=dequant):
+    # the state_dict keeps every tensor: all are handed out at once (1 ms of 13 saved on a
+    # 19M-weight 8-bit load: the workers stop waiting on this thread between tensors)
+    ahead = len(reader.header.tensors)
+    for entry, _ in reader.arrays(workers, alloc=alloc, dequant=dequant, ahead=ahead):
         yield entry, _finish(entry, made.pop(entry.name))
 
 

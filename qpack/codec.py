@@ -293,21 +293,24 @@ def _encoded(
     return ordered_map(one, items, workers)
 
 
-def ordered_map(fn, items: Iterable, workers: int | None = None) -> Iterator:
+def ordered_map(
+    fn, items: Iterable, workers: int | None = None, ahead: int | None = None
+) -> Iterator:
     """``map(fn, items)`` on ``workers`` threads (default: one per CPU), a few items ahead
     of the consumer, in order. numpy, zlib and file I/O release the GIL, so tensors are
     coded in parallel; an exception surfaces at its item, as in a sequential loop. At most
-    ``2 * workers + 1`` results are held at a time."""
+    ``ahead + 1`` results are held at a time (default ``ahead``: ``2 * workers``)."""
     workers = workers or cpu_count()
     if workers == 1:
         yield from map(fn, items)
         return
+    ahead = 2 * workers if ahead is None else ahead
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) > 2 * workers:
+                if len(pending) > ahead:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -637,6 +640,7 @@ class Reader:
         workers: int | None = None,
         alloc: Callable[[TensorEntry], np.ndarray] | None = None,
         dequant: Dequantizer | None = None,
+        ahead: int | None = None,
     ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
         """Decode every tensor in file order, checking every checksum, padding bit and
         alignment byte on the way.
@@ -647,12 +651,14 @@ class Reader:
         as a sequential reader would. ``alloc(entry)``, if given, returns the flat array to
         decode into: float32 for quantized tensors, else the stored dtype (uint16 for
         bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
-        :func:`decode_payload`)."""
+        :func:`decode_payload`). ``ahead`` bounds the tensors decoded ahead of the consumer
+        (see :func:`ordered_map`); a consumer that keeps every tensor (a whole load) may
+        hand all of them out at once, so the workers never wait on it."""
 
         def decode(entry: TensorEntry, gap: int, out: np.ndarray | None = None) -> np.ndarray:
             return self._decode(entry, gap, out, dequant)
 
-        return self._in_order(decode, workers, alloc)
+        return self._in_order(decode, workers, alloc, ahead)
 
     def payloads(
         self, workers: int | None = None, then: Callable[[TensorEntry, bytes], Any] | None = None
@@ -665,7 +671,11 @@ class Reader:
         return self._in_order(lambda e, gap: then(e, self._checked(e, gap)), workers)
 
     def _in_order(
-        self, fn, workers: int | None, alloc: Callable[[TensorEntry], np.ndarray] | None = None
+        self,
+        fn,
+        workers: int | None,
+        alloc: Callable[[TensorEntry], np.ndarray] | None = None,
+        ahead: int | None = None,
     ) -> Iterator[tuple[TensorEntry, object]]:
         """``fn(entry, gap)`` (or ``fn(entry, gap, alloc(entry))``) for every tensor, in
         file order, on ``workers`` threads; ``gap`` is where the bytes before it begin.
@@ -679,7 +689,8 @@ class Reader:
         if alloc is not None:
             jobs = ((entry, gap, alloc(entry)) for entry, gap in jobs)
         with scratch_scope(), self._whole_file():
-            yield from zip(header.tensors, ordered_map(lambda job: fn(*job), jobs, workers))  # noqa: B905
+            done = ordered_map(lambda job: fn(*job), jobs, workers, ahead)
+            yield from zip(header.tensors, done)  # noqa: B905
 
     @contextlib.contextmanager
     def _whole_file(self) -> Iterator[None]:

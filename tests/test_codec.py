@@ -758,3 +758,29 @@ def test_per_layer_huffman_lookup_matches_ungroup_then_dequantize(data):
     looked_up = codec._huffman_values(entry, stream, None, None)
     reference = codec.decode_codes_values(entry, codec._huffman_codes(entry, stream, None))
     assert looked_up.tobytes() == reference.tobytes()
+
+
+@pytest.mark.parametrize("ahead", [None, 0, 3, 100])
+def test_ordered_map_keeps_order_and_hands_out_at_most_ahead_items(ahead):
+    """Results come in input order; an item's error surfaces at that item; at most
+    ``ahead`` items beyond the consumer are taken (default twice the workers)."""
+    from qpack.codec import ordered_map
+
+    pulled = []
+
+    def items():
+        for i in range(20):
+            pulled.append(i)
+            yield i
+
+    def square(i: int) -> int:
+        if i == 12:
+            raise ValueError("item 12")
+        return i * i
+
+    results = ordered_map(square, items(), workers=2, ahead=ahead)
+    assert next(results) == 0
+    assert len(pulled) == min(20, (4 if ahead is None else ahead) + 1)
+    assert [next(results) for _ in range(11)] == [i * i for i in range(1, 12)]
+    with pytest.raises(ValueError, match="item 12"):
+        next(results)
