@@ -482,13 +482,14 @@ def _validate_chunk_index(
         _fail(path, f"chunk_starts must be an array of {count} integers", name)
     # one pass in Python: faster than numpy for the usual few dozen starts, and linear in
     # the header's bytes for a hostile list (msgpack has made each item already)
-    cap, low, high = 8 * entry.length, 0, 0
-    fits, bad = f"{shortest} to {longest} bits", E.LayoutError
+    cap, fits, bad = 8 * entry.length, f"{shortest} to {longest} bits", E.LayoutError
+    low = high = 0  # the k-th start follows k * chunk codewords
+    low_step, high_step = chunk * shortest, chunk * longest
     for at in starts:
         if type(at) is not int:
             _fail(path, "chunk_starts must hold integers only", name)
-        low += chunk * shortest  # the k-th start follows k * chunk codewords
-        high += chunk * longest
+        low += low_step
+        high += high_step
         if not 0 <= at <= cap:
             _fail(path, f"a chunk start lies past the {entry.length}-byte stream", name, bad)
         if not low <= at <= high:
