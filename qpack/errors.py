@@ -98,6 +98,19 @@ class EncodeError(QpackError, ValueError):
     code = "bad-input"
 
 
+class OutputError(QpackError):
+    """The output path is refused before anything is written: it exists and overwriting
+    was not asked for, or it is one of the command's inputs."""
+
+    code = "bad-output"
+
+
+class CheckpointError(QpackError):
+    """An input given as a checkpoint cannot be read as a state_dict."""
+
+    code = "not-a-checkpoint"
+
+
 ERROR_CLASSES: dict[str, type[QpackError]] = {
     cls.code: cls
     for cls in (
