@@ -13,42 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import errors as E
-from .codec import (
-    DEFAULT_BITS,
-    DEFAULT_ENTROPY,
-    NUMPY_DTYPES,
-    BitsOption,
-    Reader,
-    SchemeOption,
-    describe,
-    dtype_name,
-    write_file,
-)
+from .dtypes import as_items
+from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, BitsOption, SchemeOption, resolve
+from .reader import Reader, describe
 from .schemes import DEFAULT_SCHEME
+from .writer import write_file
 
 if TYPE_CHECKING:
     import torch
-
-
-def _is_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
-
-
-def _as_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
-    """A CPU numpy view of a tensor or array, plus its header dtype."""
-    if isinstance(value, np.ndarray):
-        return value, dtype_name(value)
-    if not _is_tensor(value):
-        raise E.EncodeError(f"is a {type(value).__name__}, not a tensor", tensor=name)
-    import torch
-
-    dtype = str(value.dtype).removeprefix("torch.")
-    if dtype not in NUMPY_DTYPES:
-        raise E.EncodeError(f"dtype {value.dtype} cannot be stored", tensor=name)
-    tensor = value.detach().to("cpu").contiguous()
-    if dtype == "bfloat16":
-        return tensor.view(torch.int16).numpy().view(np.uint16), dtype
-    return tensor.numpy(), dtype
 
 
 def save(
@@ -74,15 +46,21 @@ def save(
     _save(state_dict, path, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
 
 
-def _save(state_dict, path, *, progress=None, **options) -> None:
-    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded."""
+def _save(
+    state_dict, path, *, metadata=None, progress=None, rounder=None, write=None, **options
+) -> None:
+    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded;
+    ``rounder`` chooses codes where the plan asks for error-compensating rounding;
+    ``write`` passes ``overwrite``/``inputs`` on to :func:`qpack.atomic.write_atomic`."""
     if not isinstance(state_dict, Mapping):
         raise E.EncodeError(
             f"expected a mapping of names to tensors, got {type(state_dict).__name__}", path=path
         )
     try:
-        items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
-        write_file(path, items, progress=progress, **options)
+        items = as_items(state_dict)
+        plan = resolve(items, **options)
+        write_file(path, items, plan, metadata, rounder=rounder, progress=progress,
+                   **(write or {}))
     except E.QpackError as exc:
         if exc.path is None:
             raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None

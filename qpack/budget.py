@@ -14,7 +14,7 @@ choice is then checked (and corrected) with a few joint evaluations.
 Distortion comes from ``evaluate``: a callable that takes ``{name: dequantized array}`` for
 some tensors (the others keep their float values) and returns a number that adds up across
 tensors, such as the mean squared difference of the model's output probabilities on
-calibration inputs (see :func:`qpack.unet.make_evaluator`). Without it, the relative weight
+calibration inputs (see :func:`qpack.demo.unet.make_evaluator`). Without it, the relative weight
 error of each tensor is used.
 """
 
@@ -29,17 +29,13 @@ import msgpack
 import numpy as np
 
 from . import errors as E
-from .codec import (
-    DEFAULT_BITS,
-    _bits_for,
-    bf16_to_f32,
-    decode_codes_values,
-    encode_chunks,
-    ordered_map,
-    quantize_tensor,
-)
+from ._threads import ordered_map
 from .container import ALIGNMENT
+from .dtypes import as_items, bf16_to_f32
+from .plan import DEFAULT_BITS, TensorPlan, default_bits, resolve
+from .quantize import quantize_tensor
 from .schemes import levels_for
+from .writer import encode_chunks, quantized_entry
 
 __all__ = ["allocate", "Allocator", "GRID", "OPTION_SCHEMES", "parse_size"]
 
@@ -113,10 +109,8 @@ class Allocator:
         schemes: tuple[str, ...] = OPTION_SCHEMES,
         progress: Callable[[str], None] | None = None,
     ):
-        from .api import _as_numpy  # torch tensors or numpy arrays, as save() accepts
-
-        self._items = [(name, *_as_numpy(name, value)) for name, value in state_dict.items()]
-        self._targets = [t for t in self._items if _bits_for(*t, DEFAULT_BITS) is not None]
+        self._items = as_items(state_dict)  # torch tensors or numpy arrays, as save() takes
+        self._targets = [t for t in self._items if default_bits(t[1], t[2], DEFAULT_BITS)]
         self._weight_error = evaluate is None
         self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
         options = [(b, s) for s in schemes for b in GRID]
@@ -136,13 +130,13 @@ class Allocator:
     def _joint(self, chosen: Mapping[str, Option]) -> float:
         decoded = {}
         for name, array, dtype in self._targets:
-            entry, codes = quantize_tensor(name, array, dtype, *chosen[name], False)
-            decoded[name] = decode_codes_values(entry, codes)
+            q = quantize_tensor(name, array, dtype, TensorPlan(*chosen[name]))
+            decoded[name] = q.values().reshape(array.shape)
         return self._measure(decoded)
 
     def _file_size(self, chosen: Mapping[str, Option]) -> int:
         plan = self._plan(chosen)
-        chunks = encode_chunks(self._items, entropy=True, **plan)
+        chunks = encode_chunks(self._items, resolve(self._items, entropy=True, **plan))
         return sum(len(c) for c in chunks)
 
     def _plan(self, chosen: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
@@ -184,10 +178,11 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     anchors = {(b, anchor_scheme) for b in ANCHORS}
     sizes, errors, decoded = [], [], {}  # decoded: only what the evaluator will need
     for option in options:
-        entry, codes = quantize_tensor(name, array, dtype, *option, True)
+        q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        entry, _ = quantized_entry(name, array.shape, dtype, q, option[1], True)
         overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
         sizes.append(entry.length + overhead)
-        values = decode_codes_values(entry, codes)
+        values = q.values().reshape(array.shape)
         errors.append(float(((values - reference) ** 2).sum()))
         if evaluate is not None and option in anchors:
             decoded[option] = values

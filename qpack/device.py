@@ -6,7 +6,7 @@ take, and the unpacking and dequantization run on the device. Huffman streams ar
 on the CPU (variable-length decoding does not vectorize) and only their one-byte codes move.
 
 Every value follows spec/FORMAT.md section 6.1 exactly: ``fl32(scale * fl32(q - zp))`` as
-two separate float32 torch ops, so the result matches :func:`qpack.codec.decode_payload`
+two separate float32 torch ops, so the result matches :func:`qpack.decoder.decode_payload`
 bit for bit. (Subnormals are kept unless the caller turned on ``torch.set_flush_denormal``.)
 
 ``import qpack`` does not import this module (it needs torch); loaders import it lazily.
@@ -22,16 +22,16 @@ import numpy as np
 import torch
 
 from . import errors as E
-from .codec import (
-    Reader,
+from ._threads import cpu_count
+from .container import DTYPE_SIZES, TensorEntry
+from .decoder import (
     check_decodes_finite,
     check_packed_padding,
     check_raw,
-    cpu_count,
     decode_codes,
     decode_codes_values,
 )
-from .container import DTYPE_SIZES, TensorEntry
+from .reader import Reader
 
 __all__ = ["decode_on_device", "dequantize_cpu", "finish", "host_workers", "stage"]
 
@@ -45,7 +45,7 @@ def decode_on_device(
 ) -> torch.Tensor:
     """Decode one tensor's CRC-checked ``payload`` on ``device``: a tensor of
     ``entry.shape`` in the tensor's original dtype, with the same bits as the numpy decoder.
-    Raises the :mod:`qpack.errors` classes that :func:`qpack.codec.decode_payload` raises."""
+    Raises the :mod:`qpack.errors` classes that :func:`qpack.decoder.decode_payload` raises."""
     device = torch.device(device)
     return finish(entry, stage(entry, payload, device, path), device)
 
@@ -212,7 +212,7 @@ TORCH_MIN_CODES = 1 << 18
 
 
 def dequantize_cpu(entry: TensorEntry, codes: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """A :data:`qpack.codec.Dequantizer` running torch's CPU kernels (vectorized and
+    """A :data:`qpack.decoder.Dequantizer` running torch's CPU kernels (vectorized and
     multithreaded) on large tensors, with exactly the values of the numpy one."""
     if codes.size < TORCH_MIN_CODES:
         return decode_codes_values(entry, codes, out)

@@ -50,6 +50,10 @@ class Quantized:
     granularity: Granularity
     bits: int  # width of the codes: every code is below 2**bits
 
+    def values(self) -> np.ndarray:
+        """The flat float32 values the codes decode to (spec section 6.1)."""
+        return dequantize(self.codes, self.scale, self.zero_point)
+
 
 def levels_for(bits: float) -> int:
     """Number of quantization levels for a (possibly fractional) bit width: round(2**bits).

@@ -327,25 +327,25 @@ def test_save_matches_numpy_encode(tmp_path):
 def test_payloads_past_the_memory_budget_wait_in_a_spool_file(
     tmp_path, monkeypatch, budget, kernel_copy
 ):
-    """A save keeps encoded payloads in memory up to codec.SPOOL_MEMORY bytes and spools
+    """A save keeps encoded payloads in memory up to writer.SPOOL_MEMORY bytes and spools
     the rest to a temporary file (copied in the kernel, or through Python where that
     fails): the file is the same byte for byte, and the spool is gone afterwards."""
-    from qpack import codec
+    from qpack import reader, writer
 
     state = {k: v for k, v in sample_state().items() if v.dtype != torch.bfloat16}
     blob = qpack.encode({k: v.numpy() for k, v in state.items()}, bits=5)
-    header = codec.Reader(blob).header
+    header = reader.Reader(blob).header
     coded = [e.length for e in header.tensors if e.storage != "raw"]
     assert min(coded) < 50 < max(coded)  # the middle budget holds one payload, not the other
     spools = []
-    made = codec.tempfile.TemporaryFile
+    made = writer.tempfile.TemporaryFile
 
     def spool(*args, **kwargs):
         spools.append(made(*args, **kwargs))
         return spools[-1]
 
-    monkeypatch.setattr(codec, "SPOOL_MEMORY", budget)
-    monkeypatch.setattr(codec.tempfile, "TemporaryFile", spool)
+    monkeypatch.setattr(writer, "SPOOL_MEMORY", budget)
+    monkeypatch.setattr(writer.tempfile, "TemporaryFile", spool)
     if not kernel_copy:
         monkeypatch.delattr(os, "copy_file_range", raising=False)
     qpack.save(state, tmp_path / "a.qpk", bits=5)
@@ -580,10 +580,10 @@ def test_fast_paths_match_the_numpy_decoder_bit_for_bit(tmp_path, entropy, monke
     """Large tensors take the compiled kernels or else torch's CPU dequantizer, and large
     files decode on threads (with the kernels, or for Huffman codes); all must give
     exactly the numpy decoder's values."""
-    from qpack import codec, kernels
+    from qpack import _threads, kernels, reader
     from qpack.device import TORCH_MIN_CODES
 
-    monkeypatch.setattr(codec, "THREADS_MIN_CODES", 1)  # threads for any Huffman tensor
+    monkeypatch.setattr(reader, "THREADS_MIN_CODES", 1)  # threads for any Huffman tensor
     rng = np.random.default_rng(11)
     rows = -(-TORCH_MIN_CODES // 1000)
     state = {
@@ -594,14 +594,14 @@ def test_fast_paths_match_the_numpy_decoder_bit_for_bit(tmp_path, entropy, monke
     path = tmp_path / "big.qpk"
     qpack.save(state, path, bits={f"w{b}": b for b in (3, 4, 8)}, entropy=entropy)
     threaded = entropy or kernels.native is not None
-    with codec.Reader(path) as reader:
-        assert (reader.default_workers() > 1) == (threaded and codec.cpu_count() > 1)
-        storages = {e.storage for e in reader.header.tensors if e.name != "small"}
+    with reader.Reader(path) as r:
+        assert (r.default_workers() > 1) == (threaded and _threads.cpu_count() > 1)
+        storages = {e.storage for e in r.header.tensors if e.name != "small"}
         assert storages == {"huffman" if entropy else "packed"}
     with monkeypatch.context() as numpy_only:
         numpy_only.setattr(kernels, "native", None)
-        with codec.Reader(path) as reader:
-            reference = dict((e.name, a) for e, a in reader.arrays(workers=1))
+        with reader.Reader(path) as r:
+            reference = dict((e.name, a) for e, a in r.arrays(workers=1))
     loaded = qpack.load(path)
     for name, tensor in loaded.items():
         assert same_bits(tensor, torch.from_numpy(reference[name])), name

@@ -31,9 +31,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from qpack import codec, kernels
 from qpack import entropy as H
 from qpack import errors as E
+from qpack import kernels
+from qpack import reader as qreader
+from qpack import writer as qwriter
 from qpack.container import frame_header
 
 NATIVE = kernels.native
@@ -745,7 +747,7 @@ def index_writer(chunk: int = CHUNK, index_min: int = INDEX_MIN):
         return chunk if count >= index_min else None
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec, "index_chunk", fixed)
+        mp.setattr(qwriter, "index_chunk", fixed)
         yield
 
 
@@ -757,13 +759,13 @@ def indexed_file(
     index_min: int = INDEX_MIN,
 ) -> bytes:
     with backend(NATIVE if native_writer else None), index_writer(chunk, index_min):
-        return codec.encode(_weights(), bits=BITS, scheme=scheme, entropy=True)
+        return qwriter.encode(_weights(), bits=BITS, scheme=scheme, entropy=True)
 
 
 @cache
 def packed_file(scheme: str = "asymmetric-per-channel") -> bytes:
     with backend(None):
-        return codec.encode(_weights(), bits=BITS, scheme=scheme, entropy=False)
+        return qwriter.encode(_weights(), bits=BITS, scheme=scheme, entropy=False)
 
 
 def _symbols_of(entry, payload) -> np.ndarray:
@@ -776,11 +778,11 @@ def _symbols_of(entry, payload) -> np.ndarray:
 
 def decode_all(blob: bytes, native) -> dict[str, np.ndarray]:
     with backend(native):
-        return codec.decode(blob)
+        return qreader.decode(blob)
 
 
 def test_patched_writer_indexes_long_streams_only():
-    reader = codec.Reader(indexed_file())
+    reader = qreader.Reader(indexed_file())
     assert reader.header.version == (1, 2)
     storage = {e.name: e.storage for e in reader.header.tensors}
     assert storage == {"w8": "huffman", "w4": "huffman", "w2": "huffman", "small": "huffman",
@@ -822,7 +824,7 @@ def test_indexed_files_decode_to_the_fixed_width_values(scheme, native):
         else:
             assert np.array_equal(got[name], value), name
     with backend(native):
-        reader = codec.Reader(indexed_file(False, scheme))
+        reader = qreader.Reader(indexed_file(False, scheme))
         for name in ("w8", "w2"):
             assert np.array_equal(bits_of(reader.array(name)), bits_of(expected[name]))
 
@@ -837,7 +839,7 @@ def test_chunk_sizes_round_trip(chunk):
     right index and reads back the same on both backends."""
     expected = decode_all(packed_file(), None)
     blob = indexed_file(False, chunk=chunk)
-    reader = codec.Reader(blob)
+    reader = qreader.Reader(blob)
     indexed = 0
     for entry in reader.header.tensors:
         if entry.chunk is not None:
@@ -861,33 +863,33 @@ def test_native_writer_matches_numpy_writer_for_every_chunk_size(chunk):
 
 
 def test_header_version_follows_the_index():
-    assert codec.Reader(indexed_file()).header.version == (1, 2)
+    assert qreader.Reader(indexed_file()).header.version == (1, 2)
     unindexed = indexed_file(index_min=1 << 40)  # nothing long enough: Huffman only
-    reader = codec.Reader(unindexed)
+    reader = qreader.Reader(unindexed)
     assert reader.header.version == (1, 1)
     assert all(e.chunk is None for e in reader.header.tensors)
     assert any(e.storage == "huffman" for e in reader.header.tensors)
-    assert codec.Reader(packed_file()).header.version == (1, 0)
+    assert qreader.Reader(packed_file()).header.version == (1, 0)
     # the same tensors, with and without the index, hold the same stream bytes
-    a, b = codec.Reader(indexed_file()), codec.Reader(unindexed)
+    a, b = qreader.Reader(indexed_file()), qreader.Reader(unindexed)
     for entry in a.header.tensors:
         assert bytes(a.payload(entry)) == bytes(b.payload(b.entry(entry.name))), entry.name
     # the default writer (index from 2^14 symbols) leaves these small tensors unindexed
     assert H.CHUNK_INDEX_MIN == H.CHUNK_SYMBOLS == 1 << 14
-    plain = codec.encode(_weights(), bits=BITS, entropy=True)
-    assert codec.Reader(plain).header.version == (1, 1)
+    plain = qwriter.encode(_weights(), bits=BITS, entropy=True)
+    assert qreader.Reader(plain).header.version == (1, 1)
 
 
 def test_one_indexed_tensor_makes_the_file_1_2():
     weights = {"small": _weights()["small"], "w8": _weights()["w8"]}
     with index_writer():
-        blob = codec.encode(weights, bits=8, entropy=True)
-    reader = codec.Reader(blob)
+        blob = qwriter.encode(weights, bits=8, entropy=True)
+    reader = qreader.Reader(blob)
     assert [e.chunk is not None for e in reader.header.tensors] == [False, True]
     assert reader.header.version == (1, 2)
     with index_writer():
-        blob = codec.encode({"small": _weights()["small"]}, bits=8, entropy=True)
-    assert codec.Reader(blob).header.version == (1, 1)
+        blob = qwriter.encode({"small": _weights()["small"]}, bits=8, entropy=True)
+    assert qreader.Reader(blob).header.version == (1, 1)
 
 
 # ------------------------------------------------------------ re-framed headers (5, 6)
@@ -944,7 +946,7 @@ def test_an_old_readers_view_decodes_the_same(native):
         raw.pop("chunk", None)
         raw.pop("chunk_starts", None)
     stripped = _reframe(header, data, (1, 1))
-    reader = codec.Reader(stripped)
+    reader = qreader.Reader(stripped)
     assert reader.header.version == (1, 1)
     assert all(e.chunk is None and e.chunk_starts is None for e in reader.header.tensors)
     expected = decode_all(blob, None)
@@ -985,7 +987,7 @@ BAD_HEADERS = {
 def test_bad_index_headers_are_bad_header(case):
     blob = _edited(indexed_file(), "w8", **BAD_HEADERS[case])
     with pytest.raises(E.HeaderError) as info:
-        codec.Reader(blob)
+        qreader.Reader(blob)
     assert info.value.code == "bad-header"
     assert type(info.value) is E.HeaderError
     assert info.value.tensor == "w8"
@@ -1020,14 +1022,14 @@ def test_bad_chunk_starts_are_bad_header(edit):
         "none entry": lambda s: [None, *s[1:]],
     }[edit](starts)
     with pytest.raises(E.HeaderError) as info:
-        codec.Reader(_edited(blob, "w8", chunk_starts=changed))
+        qreader.Reader(_edited(blob, "w8", chunk_starts=changed))
     assert info.value.code == "bad-header"
     assert info.value.tensor == "w8"
 
 
 def _bounds(blob: bytes, name: str) -> tuple[list[int], list[int], list[int]]:
     """Each start's true value and its bounds of spec 5.2."""
-    entry = codec.Reader(blob).entry(name)
+    entry = qreader.Reader(blob).entry(name)
     lengths = entry.code_lengths[entry.code_lengths > 0]
     lmin, lmax = int(lengths.min()), int(lengths.max())
     true = [int(v) for v in entry.chunk_starts]
@@ -1052,7 +1054,7 @@ def test_a_start_out_of_bounds_is_bad_layout(name, where, side):
     starts = list(true)
     starts[k] = value
     with pytest.raises(E.LayoutError) as info:
-        codec.Reader(_edited(blob, name, chunk_starts=starts))
+        qreader.Reader(_edited(blob, name, chunk_starts=starts))
     assert info.value.code == "bad-layout"
     assert info.value.tensor == name
 
@@ -1090,7 +1092,7 @@ def test_a_wrong_start_within_bounds_is_bad_data(native, name):
     for k, value in cases:
         bad = _moved(blob, name, k, value)
         with backend(native):
-            reader = codec.Reader(bad)  # the header is valid
+            reader = qreader.Reader(bad)  # the header is valid
             assert reader.entry(name).chunk_starts[k] == value
             for other in ("small", "bias", *(n for n in ("w8", "w4", "w2") if n != name)):
                 assert np.array_equal(
@@ -1101,7 +1103,7 @@ def test_a_wrong_start_within_bounds_is_bad_data(native, name):
             assert info.value.code == "bad-data"
             assert info.value.tensor == name
             with pytest.raises(E.DataError) as info:
-                codec.decode(bad)
+                qreader.decode(bad)
             assert info.value.tensor == name
             with pytest.raises(E.DataError):
                 reader.verify()
@@ -1120,7 +1122,7 @@ def _with_payload(blob: bytes, name: str, payload: bytes) -> bytes:
 def _outcome(blob: bytes, native):
     try:
         with backend(native):
-            values = codec.Reader(blob).array("w8")
+            values = qreader.Reader(blob).array("w8")
         return ("ok", bits_of(values).tobytes())
     except E.QpackError as exc:
         return (exc.code, exc.tensor)
@@ -1133,8 +1135,8 @@ def test_damaged_indexed_streams_are_judged_alike_by_both_backends(seed, flips):
     """Bit flips in an indexed stream (CRC kept valid): both backends raise bad-data, or
     both decode the same values."""
     blob = indexed_file()
-    entry = codec.Reader(blob).entry("w8")
-    payload = bytearray(codec.Reader(blob).payload(entry))
+    entry = qreader.Reader(blob).entry("w8")
+    payload = bytearray(qreader.Reader(blob).payload(entry))
     rng = np.random.default_rng(seed)
     for _ in range(flips):
         payload[int(rng.integers(len(payload)))] ^= 1 << int(rng.integers(8))
@@ -1153,11 +1155,11 @@ def test_a_chunk_of_at_least_the_stream_with_no_starts_decodes(native, chunk):
     any chunk up to 2^64 - 1 and the spec sets no upper limit, so the file is valid and
     decodes to the values of the unindexed stream (w8 has 9005 symbols)."""
     blob = indexed_file()
-    assert codec.Reader(blob).entry("w8").numel == 9005
+    assert qreader.Reader(blob).entry("w8").numel == 9005
     bad = _edited(blob, "w8", chunk=chunk, chunk_starts=[])
     expected = decode_all(blob, None)
     try:
-        reader = codec.Reader(bad)
+        reader = qreader.Reader(bad)
         with backend(native):
             got = reader.array("w8")
     except E.QpackError as exc:  # pragma: no cover - a failure, reported below
@@ -1176,7 +1178,7 @@ def test_every_start_wrong_in_the_header_is_caught_by_both_backends():
     bad = _edited(blob, "w4", chunk_starts=shifted)
     for native in (None, NATIVE) if NATIVE is not None else (None,):
         with backend(native), pytest.raises(E.DataError) as info:
-            codec.Reader(bad).array("w4")
+            qreader.Reader(bad).array("w4")
         assert (info.value.code, info.value.tensor) == ("bad-data", "w4")
 
 
@@ -1192,7 +1194,7 @@ def test_device_decoder_matches_numpy_on_indexed_files(native, scheme):
     blob = indexed_file(False, scheme)
     expected = decode_all(blob, None)
     with backend(native):
-        reader = codec.Reader(blob)
+        reader = qreader.Reader(blob)
         for entry in reader.header.tensors:
             if entry.storage == "raw":
                 continue
@@ -1211,7 +1213,7 @@ def test_device_decoder_rejects_a_wrong_start(native):
     k, value = _wrong_starts(blob, "w8")[0]
     bad = _moved(blob, "w8", k, value)
     with backend(native):
-        reader = codec.Reader(bad)
+        reader = qreader.Reader(bad)
         entry = reader.entry("w8")
         with pytest.raises(E.DataError) as info:
             decode_on_device(entry, reader.payload(entry), "cpu")
@@ -1241,13 +1243,13 @@ def test_default_writer_indexes_streams_from_2_14_symbols_for_four_lanes():
     same as without the index, through every route."""
     rng = np.random.default_rng(7)
     weights = {"w": rng.laplace(size=(8, 2500)).astype(np.float32)}
-    blob = codec.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
-    entry = codec.Reader(blob).entry("w")
+    blob = qwriter.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+    entry = qreader.Reader(blob).entry("w")
     assert entry.storage == "huffman" and entry.group == 1
     assert entry.chunk == 5000 and len(entry.chunk_starts) == 3
     with index_writer(index_min=1 << 40):
-        plain = codec.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
-    assert codec.Reader(plain).entry("w").chunk is None
+        plain = qwriter.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+    assert qreader.Reader(plain).entry("w").chunk is None
     for native in (None, NATIVE) if NATIVE is not None else (None,):
         got, want = decode_all(blob, native), decode_all(plain, native)
         assert np.array_equal(bits_of(got["w"]), bits_of(want["w"]))

@@ -212,7 +212,7 @@ def test_subprocess_usage_errors_exit_2(files, tmp_path):
 
 
 def test_subprocess_ctrl_c_exits_130(tmp_path):
-    from qpack.unet import UNet
+    from qpack.demo.unet import UNet
 
     ckpt = tmp_path / "unet.pt"
     torch.save(UNet().state_dict(), ckpt)
@@ -419,7 +419,7 @@ def test_output_is_a_directory(tmp_path, files, capsys, command):
     target.mkdir()
     status, _, err = call(capsys, command, source, "-o", target)
     assert status == 1
-    assert_one_line_error(err, "cannot write")
+    assert_one_line_error(err, "is a directory")
     no_leftovers(tmp_path, "dir")
     no_leftovers(target)
 
@@ -585,7 +585,7 @@ def test_keyboard_interrupt_in_process(monkeypatch, capsys, files):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_verify", interrupted)
+    monkeypatch.setattr(cli.verify, "run", interrupted)
     status, _, err = call(capsys, "verify", files["qpk"])
     assert status == 130
     assert "Traceback" not in err
@@ -595,7 +595,7 @@ def test_keyboard_interrupt_in_process(monkeypatch, capsys, files):
 
 
 def test_demo_command(tmp_path, capsys):
-    from qpack.unet import UNet
+    from qpack.demo.unet import UNet
 
     ckpt = tmp_path / "unet.pt"
     torch.manual_seed(0)

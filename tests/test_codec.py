@@ -18,8 +18,8 @@ from hypothesis.extra import numpy as hnp
 import qpack
 from qpack import errors as E
 from qpack.bitpack import packed_size
-from qpack.codec import Reader
 from qpack.container import TENSOR_KEYS
+from qpack.reader import Reader
 
 SYM = "symmetric-per-layer"
 ASYM = "asymmetric-per-channel"
@@ -736,7 +736,7 @@ def test_per_layer_huffman_lookup_matches_ungroup_then_dequantize(data):
     """codec decodes one-scale Huffman tensors of grouped codes by a table of each symbol's
     values; it must give the values of the reference route (ungroup, then the spec's
     dequantization) for every width, group and length, a partial last symbol included."""
-    from qpack import codec
+    from qpack import decoder as qdecode
     from qpack import entropy as H
     from qpack.container import TensorEntry
 
@@ -755,8 +755,8 @@ def test_per_layer_huffman_lookup_matches_ungroup_then_dequantize(data):
     entry = TensorEntry("t", (numel,), "float32", "huffman", 0, len(stream), 0)
     entry.bits, entry.dequant, entry.granularity = bits, "affine", "tensor"
     entry.scale, entry.zero_point, entry.group, entry.code_lengths = scale, zero, group, lengths
-    looked_up = codec._huffman_values(entry, stream, None, None)
-    reference = codec.decode_codes_values(entry, codec._huffman_codes(entry, stream, None))
+    looked_up = qdecode._huffman_values(entry, stream, None, None)
+    reference = qdecode.decode_codes_values(entry, qdecode._huffman_codes(entry, stream, None))
     assert looked_up.tobytes() == reference.tobytes()
 
 
@@ -764,7 +764,7 @@ def test_per_layer_huffman_lookup_matches_ungroup_then_dequantize(data):
 def test_ordered_map_keeps_order_and_hands_out_at_most_ahead_items(ahead):
     """Results come in input order; an item's error surfaces at that item; at most
     ``ahead`` items beyond the consumer are taken (default twice the workers)."""
-    from qpack.codec import ordered_map
+    from qpack._threads import ordered_map
 
     pulled = []
 

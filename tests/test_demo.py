@@ -9,8 +9,8 @@ import torch
 import qpack
 import qpack.demo as demo
 from qpack.demo import evaluate, format_table, predict, run_demo, score
-from qpack.synthetic import make_patches
-from qpack.unet import UNet, default_checkpoint_path
+from qpack.demo.synthetic import make_patches
+from qpack.demo.unet import UNet, default_checkpoint_path
 
 SAMPLES = 64
 BITS = (8, 4, 3)

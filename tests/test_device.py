@@ -17,14 +17,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import qpack
-from qpack import codec
 from qpack import device as qdevice
 from qpack import errors as E
+from qpack import reader as qreader
 from qpack.bitpack import pack_codes, packed_size, unpack_codes
-from qpack.codec import Reader, decode_payload, dtype_name, encode, encode_chunks
 from qpack.container import TensorEntry
+from qpack.decoder import decode_payload
 from qpack.device import _unpack, decode_on_device
+from qpack.dtypes import dtype_name
+from qpack.plan import resolve
+from qpack.reader import Reader
 from qpack.schemes import SCHEMES
+from qpack.writer import encode, encode_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"
@@ -74,7 +78,7 @@ def outcome(fn) -> tuple | None:
 
 
 def to_blob(items: list[tuple[str, np.ndarray, str]], **options) -> bytes:
-    chunks = encode_chunks(items, **options)
+    chunks = encode_chunks(items, resolve(items, **options))
     return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)
 
 
@@ -361,7 +365,7 @@ def test_load_on_device_reports_a_corrupt_tensor_like_the_cpu(tmp_path, device):
     path = tmp_path / "m.qpk"
     qpack.save(_mixed_state(), path, bits=4)
     blob = bytearray(path.read_bytes())
-    with codec.Reader(bytes(blob)) as reader:
+    with Reader(bytes(blob)) as reader:
         entry = reader.entry("fc.weight")
         blob[reader.header.data_start + entry.offset + 5] ^= 0x10
     path.write_bytes(bytes(blob))
@@ -387,9 +391,9 @@ def test_load_into_a_model_on_the_device(tmp_path, device):
 def test_host_threads_for_large_tensors_or_huffman_streams(tmp_path, monkeypatch):
     """A device load reads and checks small packed tensors on one thread (hand-offs cost
     more than they save) and uses every CPU for large tensors or many Huffman codes."""
-    monkeypatch.setattr(codec, "cpu_count", lambda: 6)
+    monkeypatch.setattr(qreader, "cpu_count", lambda: 6)
     monkeypatch.setattr(qdevice, "cpu_count", lambda: 6)
-    monkeypatch.setattr(codec, "THREADS_MIN_CODES", 1 << 14)
+    monkeypatch.setattr(qreader, "THREADS_MIN_CODES", 1 << 14)
     rng = np.random.default_rng(3)
     small = {f"w{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(4)}
     big = {"w": rng.standard_normal((1024, 1100)).astype(np.float32)}  # 1.1 MB at 8 bits

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import qpack
-from qpack.synthetic import HELDOUT_SEED, make_patches
-from qpack.unet import UNet
+from qpack.demo.synthetic import HELDOUT_SEED, make_patches
+from qpack.demo.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 8

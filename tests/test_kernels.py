@@ -33,9 +33,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qpack
-from qpack import bitpack, codec, kernels, schemes
+from qpack import bitpack, decoder, kernels, schemes
 from qpack import entropy as H
 from qpack import errors as E
+from qpack import reader as qreader
 from qpack.container import TensorEntry
 
 NATIVE = kernels.native
@@ -363,7 +364,7 @@ def reference_accepts(stream: bytes, lengths: np.ndarray, count: int):
 
 
 def codec_accepts(stream: bytes, lengths: np.ndarray, count: int):
-    """The codec's own checked route (``codec._huffman_symbols``) on the current backend:
+    """The codec's own checked route (``decoder._huffman_symbols``) on the current backend:
     the symbols, or None when it raises DataError."""
     entry = SimpleNamespace(
         name="t",
@@ -375,9 +376,9 @@ def codec_accepts(stream: bytes, lengths: np.ndarray, count: int):
         chunk=None,
         chunk_starts=None,
     )
-    with codec.scratch_scope():
+    with decoder.scratch_scope():
         try:
-            return codec._huffman_symbols(entry, stream, None).tolist()
+            return decoder._huffman_symbols(entry, stream, None).tolist()
         except E.DataError:
             return None
 
@@ -897,7 +898,7 @@ class TestEndToEnd:
         fast, slow = encode_both(arrays, bits=bits, entropy=entropy)
         assert fast[0] == "ok"
         assert_same_outcome(fast, slow)
-        with codec.Reader(fast[1]) as reader:
+        with qreader.Reader(fast[1]) as reader:
             storages = {e.storage for e in reader.header.tensors}
         assert "huffman" in storages if entropy else storages == {"packed"}
         assert_same_outcome(*decode_both(fast[1]))
@@ -1013,8 +1014,8 @@ class TestDecodePayload:
         entry = replace(entry, length=len(payload))
         results = []
         for native in (NATIVE, None):
-            with backend(native), codec.scratch_scope():
-                got = outcome(codec.decode_payload, entry, bytes(payload))
+            with backend(native), decoder.scratch_scope():
+                got = outcome(decoder.decode_payload, entry, bytes(payload))
             if got[0] == "ok":
                 got = ("ok", got[1].shape, bits_of(got[1]).tobytes())
             results.append(got)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qpack
-from qpack.codec import Reader
+from qpack.reader import Reader
 
 BIG = (1 << 32) + 3 * 4096 + 17  # bytes of the raw tensor: offsets past it need 33 bits
 
@@ -83,7 +83,7 @@ def test_reading_one_tensor_fits_in_far_less_memory_than_the_file(big_file):
         limit = 1 << 30  # 1 GiB of address space, a quarter of the file
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         import numpy as np
-        from qpack.codec import Reader
+        from qpack.reader import Reader
         with Reader({str(path)!r}) as reader:
             np.save(sys.stdout.buffer, reader.array("small"))
         """

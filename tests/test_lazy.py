@@ -73,7 +73,7 @@ def test_get_checks_that_tensor(saved):
 
 
 def test_load_into_fits_or_explains(tmp_path):
-    from qpack.unet import UNet
+    from qpack.demo.unet import UNet
 
     torch.manual_seed(1)
     model = UNet()

@@ -56,7 +56,9 @@ _WRITER = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from qpack.codec import encode_chunks, write_atomic
+    from qpack.atomic import write_atomic
+    from qpack.plan import resolve
+    from qpack.writer import encode_chunks
 
     target = sys.argv[1]
     versions = []
@@ -64,11 +66,11 @@ _WRITER = textwrap.dedent(
         big = np.full((512, 1024), marker, dtype=np.float32)
         items = [("marker", np.array([marker], dtype=np.int64), "int64"),
                  ("big", big, "float32")]
-        versions.append(list(encode_chunks(items, bits={"big": None})))
+        versions.append(list(encode_chunks(items, resolve(items, bits={"big": None}))))
     print("ready", flush=True)
     n = 0
     while True:
-        write_atomic(target, versions[n % 2])
+        write_atomic(target, versions[n % 2], overwrite=True)
         n += 1
     """
 )

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import qpack
 from qpack import container
-from qpack.codec import Reader
+from qpack.reader import Reader
 from qpack.schemes import dequantize, dequantize_table, quantize
 
 SYM = "symmetric-per-layer"

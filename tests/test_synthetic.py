@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qpack.synthetic import HELDOUT_SEED, PATCH_SIZE, dice_iou, make_patches
+from qpack.demo.synthetic import HELDOUT_SEED, PATCH_SIZE, dice_iou, make_patches
 
 N = 400
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qpack.unet import (
+from qpack.demo.unet import (
     INPUT_SIZE,
     UNet,
     crop_output,

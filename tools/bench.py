@@ -4,7 +4,7 @@ What it measures, on two workloads:
 
 - ``conv19m``: 32 float32 tensors of shape (256, 256, 3, 3) (18.9M parameters), drawn with
   ``numpy.random.default_rng(0)``, normal * 0.02, named ``layers.{i}.weight``;
-- ``unet``: the state_dict of the embedded trained UNet (``qpack.unet.load_default()``,
+- ``unet``: the state_dict of the embedded trained UNet (``qpack.demo.unet.load_default()``,
   576,721 parameters).
 
 and, for each, the best wall time (``time.perf_counter``) of the measurements below. Each
@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, u
 import qpack  # noqa: E402
 from qpack import kernels  # noqa: E402
 from qpack._zlib import BACKEND as zlib_backend  # noqa: E402
-from qpack.unet import load_default  # noqa: E402
+from qpack.demo.unet import load_default  # noqa: E402
 
 BITS = (8, 4, 3)
 STORAGES = (("packed", False), ("entropy", True))
@@ -514,7 +514,7 @@ def bench_pack_default(res: Results, tmp: Path) -> None:
     ``--bits 8`` and ``--bits 4`` (widths and schemes chosen per tensor for the model's
     output, Huffman-coded): the file the UNet ships as. The packing itself (a bit
     allocation that evaluates the model, about 20 s) is not timed."""
-    from qpack.unet import default_checkpoint_path
+    from qpack.demo.unet import default_checkpoint_path
 
     for bits in (8, 4):
         path = tmp / f"{res.name}-pack-{bits}.qpk"
@@ -575,7 +575,7 @@ def bench_cuda(
     from safetensors.torch import load_file
 
     from qpack import device as qdevice
-    from qpack.codec import Reader
+    from qpack.reader import Reader
 
     def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> Any:

@@ -49,9 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, uninstalled
 
 import qpack  # noqa: E402
-from qpack import demo, synthetic  # noqa: E402
-from qpack.cli import read_checkpoint  # noqa: E402
-from qpack.unet import default_checkpoint_path  # noqa: E402
+from qpack import demo  # noqa: E402
+from qpack.checkpoint import read_checkpoint  # noqa: E402
+from qpack.demo import synthetic  # noqa: E402
+from qpack.demo.unet import default_checkpoint_path  # noqa: E402
 
 BITS = (8, 4, 3)
 GGUF_TYPES = ("Q8_0", "Q4_0")
@@ -95,7 +96,7 @@ def load_state(checkpoint: str | os.PathLike | None) -> Arrays:
             raise FileNotFoundError(
                 f"the embedded trained checkpoint {checkpoint} is missing; pass --checkpoint PATH"
             )
-    state, _ = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint).state_dict
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = demo.build_model(state, checkpoint)
     return state_to_numpy(model.state_dict())
@@ -347,9 +348,9 @@ def caching(evaluate: Callable[[Mapping[str, np.ndarray]], float]):
 
 
 def make_allocator_evaluator(state: Arrays, calibration: int):
-    """``qpack.unet.make_evaluator`` on ``calibration`` patches (seed ``CALIBRATION_SEED``),
+    """``qpack.demo.unet.make_evaluator`` on ``calibration`` patches (seed ``CALIBRATION_SEED``),
     memoized; None (the allocator's weight-error default) where it does not exist yet."""
-    from qpack import unet
+    from qpack.demo import unet
 
     if not hasattr(unet, "make_evaluator") or calibration < 1:
         return None
@@ -415,7 +416,7 @@ def optimized_rows(
     elif calibration < 1:
         distortion = "the allocator's default weight error (--calibration 0)"
     else:
-        distortion = "the allocator's default weight error (no qpack.unet.make_evaluator)"
+        distortion = "the allocator's default weight error (no qpack.demo.unet.make_evaluator)"
     requests = [(f"bits={b}", float(b), {"bits": b}) for b in bits]
     if max_size is not None:
         requests.append((f"max_size={max_size:,}", None, {"max_size": max_size}))

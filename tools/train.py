@@ -1,6 +1,6 @@
 """Train the default qpack UNet on synthetic borehole-wall patches.
 
-Every step draws a fresh batch from :func:`qpack.synthetic.make_patches` with a seed derived
+Every step draws a fresh batch from :func:`qpack.demo.synthetic.make_patches` with a seed derived
 from the step number (always below ``HELDOUT_SEED``), so a resumed run sees exactly the batches
 an uninterrupted one would. Evaluation uses ``make_patches(1000, HELDOUT_SEED)``.
 
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qpack.synthetic import HELDOUT_SEED, dice_iou, make_patches  # noqa: E402
-from qpack.unet import UNet, default_checkpoint_path  # noqa: E402
+from qpack.demo.synthetic import HELDOUT_SEED, dice_iou, make_patches  # noqa: E402
+from qpack.demo.unet import UNet, default_checkpoint_path  # noqa: E402
 
 # Groove pixels are ~4% of all pixels: up-weight them in the BCE term so thin, faint grooves
 # are not traded away for background accuracy (the soft-dice term also counters the imbalance).

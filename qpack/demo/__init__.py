@@ -1,7 +1,7 @@
 """What quantization costs the reference UNet: size against accuracy at several bit widths.
 
 :func:`run_demo` packs a UNet state_dict at each bit width into a temporary folder, loads
-every file back into a fresh :class:`~qpack.unet.UNet` with ``strict=True``, and scores it on
+every file back into a fresh :class:`~qpack.demo.unet.UNet` with ``strict=True``, and scores it on
 held-out synthetic patches against the float32 model; :func:`format_table` prints the rows.
 ``qpack demo`` is a thin wrapper around the two. :func:`predict`, :func:`score` and
 :func:`evaluate` are reusable on their own.
@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import load, save
-from .budget import OPTION_SCHEMES, Allocator
-from .cli import CheckpointError, read_checkpoint
-from .codec import cpu_count
-from .schemes import DEFAULT_SCHEME, SCHEMES
+from .. import errors as E
+from .._threads import cpu_count
+from ..api import load, save
+from ..budget import OPTION_SCHEMES, Allocator
+from ..checkpoint import read_checkpoint
+from ..schemes import DEFAULT_SCHEME, SCHEMES
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
 from .unet import UNet, default_checkpoint_path, make_evaluator
 
@@ -86,12 +87,12 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 def build_model(state_dict: Mapping[str, torch.Tensor], source: object = None) -> UNet:
     """A :class:`UNet` in eval mode holding ``state_dict`` (loaded with ``strict=True``);
-    a state_dict that does not fit raises :class:`~qpack.cli.CheckpointError`."""
+    a state_dict that does not fit raises :class:`~qpack.errors.CheckpointError`."""
     model = UNet()
     try:
         model.load_state_dict(state_dict, strict=True)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"does not fit the UNet: {_one_line(exc)}", path=source) from None
+        raise E.CheckpointError(f"does not fit the UNet: {_one_line(exc)}", path=source) from None
     return model.eval()
 
 
@@ -144,11 +145,11 @@ def run_demo(
     if checkpoint is None:
         checkpoint = default_checkpoint_path()
         if not Path(checkpoint).is_file():
-            raise CheckpointError(
+            raise E.CheckpointError(
                 "the embedded trained checkpoint is missing; pass --checkpoint PATH",
                 path=checkpoint,
             )
-    state, _ = read_checkpoint(checkpoint)
+    state = read_checkpoint(checkpoint).state_dict
     float_model = build_model(_float32(state), checkpoint)
     state = _float32(float_model.state_dict())
     params = sum(t.numel() for t in state.values())

@@ -6,7 +6,7 @@ side before the convolutions and the centre is cropped back out at the end, so a
 crosses the left/right edge is seen as one continuous structure.
 
 Its ~577k parameters make it the reference model that qpack's quantization is exercised on;
-:func:`load_default` returns a copy trained on :mod:`qpack.synthetic` data.
+:func:`load_default` returns a copy trained on :mod:`qpack.demo.synthetic` data.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class UNet(nn.Module):
 
 
 def default_checkpoint_path() -> Path:
-    """Path of the embedded trained checkpoint (``qpack/data/unet_default.pt``)."""
+    """Path of the embedded trained checkpoint (``qpack/demo/data/unet_default.pt``)."""
     return Path(__file__).resolve().parent / "data" / "unet_default.pt"
 
 

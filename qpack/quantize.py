@@ -1,0 +1,72 @@
+"""The quantize stage: one floating tensor and its :class:`~qpack.plan.TensorPlan` -> codes
+on a grid (:class:`~qpack.schemes.Quantized`), with the checks that make the codes storable.
+
+The scheme chooses the grid (scale and zero point per tensor or per channel); the plan's
+rounding chooses the codes on it. Round-to-nearest is done here; error-compensating
+rounding comes from a :data:`Rounder` the caller supplies, since it needs statistics of the
+model's inputs that this stage does not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from . import errors as E
+from .dtypes import bf16_to_f32
+from .plan import TensorPlan
+from .schemes import Quantized, decodes_finite, levels_for, quantize
+
+__all__ = ["Rounder", "float_values", "quantize_tensor"]
+
+# (name, float32 values, grid from the scheme, levels) -> codes on that grid (each below
+# levels), or None to keep the round-to-nearest codes (a tensor it has no statistics for).
+Rounder = Callable[[str, np.ndarray, Quantized, int], "np.ndarray | None"]
+
+
+def float_values(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A floating tensor's values as float32 (bfloat16 bit patterns widened exactly)."""
+    return bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32, copy=False)
+
+
+def quantize_tensor(
+    name: str,
+    array: np.ndarray,
+    dtype: str,
+    plan: TensorPlan,
+    rounder: Rounder | None = None,
+) -> Quantized:
+    """Quantize one floating tensor as ``plan`` says; raises
+    :class:`~qpack.errors.EncodeError` naming the tensor when it cannot be stored so."""
+    values = float_values(array, dtype)
+    if not np.isfinite(values).all():
+        raise E.EncodeError(
+            "holds NaN or infinite values, which cannot be quantized; "
+            "clean the weights or keep this tensor raw",
+            tensor=name,
+        )
+    try:
+        q = quantize(values, plan.bits, plan.scheme)
+    except ValueError as exc:  # e.g. fractional bits for the origin's symmetric quantizer
+        raise E.EncodeError(str(exc), tensor=name) from None
+    if q.granularity == "channel" and array.ndim == 0:
+        raise E.EncodeError(
+            f"{plan.scheme} needs at least one dimension; use a per-layer scheme", tensor=name
+        )
+    if not decodes_finite(q.bits, q.scale, q.zero_point):
+        raise E.EncodeError(
+            f"values near the float32 limit (max |w| = {np.abs(values).max():.3g}) overflow "
+            f"when quantized to {plan.bits} bits; keep this tensor raw",
+            tensor=name,
+        )
+    if plan.rounding != "nearest":
+        if rounder is None:
+            raise E.EncodeError(
+                f"{plan.rounding} rounding needs calibration statistics (a model and inputs)",
+                tensor=name,
+            )
+        codes = rounder(name, values, q, levels_for(plan.bits))
+        if codes is not None:
+            q = Quantized(codes, q.scale, q.zero_point, q.granularity, q.bits)
+    return q

@@ -1,0 +1,297 @@
+"""Reading .qpk files: :class:`Reader` validates the header when opened, then reads,
+checks and decodes tensors on demand, so one tensor can be fetched without touching the
+others' bytes; :func:`decode` and :func:`load_numpy` are the numpy-only whole-file reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from . import errors as E
+from . import kernels
+from ._threads import cpu_count, ordered_map
+from ._zlib import crc32
+from .container import DTYPE_SIZES, PREAMBLE_SIZE, QUANTIZED_KINDS, Header, TensorEntry, read_header
+from .decoder import (
+    SCRATCH_MAX,
+    Dequantizer,
+    decode_codes,
+    decode_payload,
+    scratch,
+    scratch_scope,
+)
+from .dtypes import bf16_to_f32
+from .entropy import entropy_bits
+
+__all__ = ["Reader", "decode", "describe", "load_numpy"]
+
+THREADS_MIN_CODES = 1 << 22  # weights decoded without the GIL from which decoding uses threads
+
+
+def _preadv(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset``; returns the bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    chunk = os.pread(fd, len(view), offset)  # platforms without preadv
+    view[: len(chunk)] = chunk
+    return len(chunk)
+
+
+class Reader:
+    """Validated access to a .qpk file or buffer; tensors are read and checked on demand."""
+
+    def __init__(self, source: str | os.PathLike | bytes | bytearray | memoryview):
+        self._file = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.path = "<bytes>"
+            self._buffer = memoryview(source).cast("B")
+            self.file_size = len(self._buffer)
+        else:
+            self.path = os.fspath(source)
+            self._buffer = None
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+                self.file_size = os.fstat(self._file.fileno()).st_size
+            except IsADirectoryError:
+                raise E.QpackError("is a directory, not a qpack file", path=self.path) from None
+            except OSError as exc:
+                raise E.QpackError(f"cannot open ({exc.strerror})", path=self.path) from None
+        try:
+            self.header: Header = read_header(self._read_at, self.file_size, self.path)
+        except BaseException:
+            self.close()
+            raise
+        self._by_name = {entry.name: entry for entry in self.header.tensors}
+
+    # -- plumbing
+    def _read_at(self, offset: int, size: int, into: np.ndarray | None = None):
+        """``size`` bytes at ``offset``: a new bytearray, or a view of ``into`` (a uint8
+        array of at least ``size`` bytes, filled in place; reusing it spares fresh pages)."""
+        if self._buffer is not None:
+            view = self._buffer[offset : offset + size]
+            return bytearray(view) if into is None else view
+        target = bytearray(size) if into is None else into
+        view = memoryview(target)[:size]
+        done = 0
+        while done < size:
+            got = _preadv(self._file.fileno(), view[done:], offset + done)
+            if not got:
+                raise E.TruncatedError("file ended early while reading", path=self.path)
+            done += got
+        return target if into is None else view
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- access
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    def keys(self) -> list[str]:
+        return [entry.name for entry in self.header.tensors]
+
+    def entry(self, name: str) -> TensorEntry:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def payload(self, entry: TensorEntry, into: np.ndarray | None = None):
+        """The tensor's bytes, after checking their CRC-32 (read into ``into`` if given)."""
+        data = self._read_at(self.header.data_start + entry.offset, entry.length, into)
+        if crc32(data) != entry.crc32:
+            raise E.DataChecksumError(
+                "data checksum mismatch (corrupted tensor bytes)", path=self.path, tensor=entry.name
+            )
+        return data
+
+    def array(
+        self, name: str, out: np.ndarray | None = None, dequant: Dequantizer | None = None
+    ) -> np.ndarray:
+        """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
+        (bfloat16 as its uint16 bit patterns); ``out`` and ``dequant`` as in
+        :meth:`arrays`."""
+        entry = self.entry(name)
+        with scratch_scope():
+            data = self.payload(entry, scratch("payload", entry.length))
+            return decode_payload(entry, data, self.path, out, dequant)
+
+    def arrays(
+        self,
+        workers: int | None = None,
+        alloc: Callable[[TensorEntry], np.ndarray] | None = None,
+        dequant: Dequantizer | None = None,
+        ahead: int | None = None,
+    ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+        """Decode every tensor in file order, checking every checksum, padding bit and
+        alignment byte on the way.
+
+        Tensors are read and decoded by ``workers`` threads (default: one per CPU when the
+        file holds Huffman-coded tensors, else one) a few tensors ahead of the consumer, and
+        yielded in order; a bad file raises the error of the first bad tensor in file order,
+        as a sequential reader would. ``alloc(entry)``, if given, returns the flat array to
+        decode into: float32 for quantized tensors, else the stored dtype (uint16 for
+        bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
+        :func:`decode_payload`). ``ahead`` bounds the tensors decoded ahead of the consumer
+        (see :func:`ordered_map`); a consumer that keeps every tensor (a whole load) may
+        hand all of them out at once, so the workers never wait on it."""
+
+        def decode(entry: TensorEntry, gap: int, out: np.ndarray | None = None) -> np.ndarray:
+            return self._decode(entry, gap, out, dequant)
+
+        return self._in_order(decode, workers, alloc, ahead)
+
+    def payloads(
+        self, workers: int | None = None, then: Callable[[TensorEntry, bytes], Any] | None = None
+    ) -> Iterator[tuple[TensorEntry, Any]]:
+        """Every tensor's checked bytes in file order, with the checks of :meth:`arrays`
+        but no decoding (for decoders elsewhere, such as on a GPU). ``then(entry, bytes)``,
+        if given, runs on the worker threads and its result is yielded instead."""
+        if then is None:
+            return self._in_order(self._checked, workers)
+        return self._in_order(lambda e, gap: then(e, self._checked(e, gap)), workers)
+
+    def _in_order(
+        self,
+        fn,
+        workers: int | None,
+        alloc: Callable[[TensorEntry], np.ndarray] | None = None,
+        ahead: int | None = None,
+    ) -> Iterator[tuple[TensorEntry, object]]:
+        """``fn(entry, gap)`` (or ``fn(entry, gap, alloc(entry))``) for every tensor, in
+        file order, on ``workers`` threads; ``gap`` is where the bytes before it begin.
+        ``alloc`` runs on the calling thread, as the jobs are handed out: memory freed by
+        this thread is reused, where each worker's allocator would take fresh pages."""
+        header = self.header
+        workers = workers or self.default_workers()
+        self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
+        ends = [0] + [e.offset + e.length for e in header.tensors]
+        jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
+        if alloc is not None:
+            jobs = ((entry, gap, alloc(entry)) for entry, gap in jobs)
+        with scratch_scope(), self._whole_file():
+            done = ordered_map(lambda job: fn(*job), jobs, workers, ahead)
+            yield from zip(header.tensors, done)  # noqa: B905
+
+    @contextlib.contextmanager
+    def _whole_file(self) -> Iterator[None]:
+        """While every tensor is read in turn, read a small file in one call instead of
+        two per tensor (its bytes and the alignment gap before them)."""
+        if self._buffer is not None or self.file_size > SCRATCH_MAX:
+            yield
+            return
+        whole = self._read_at(0, self.file_size, scratch("file", self.file_size))
+        self._buffer = whole
+        try:
+            yield
+        finally:
+            self._buffer = None
+
+    def default_workers(self, decoded: tuple[str, ...] | None = None) -> int:
+        """Threads that decode this file fastest: one per CPU when there is enough work
+        done without the GIL (the compiled kernels' whole tensors, or zlib's inflate of
+        Huffman-coded ones), else one; numpy's many short calls run faster on one thread
+        than on two contending for the GIL. ``decoded`` names the storage kinds decoded on
+        the host (a GPU load decodes only Huffman streams there; reading and checking the
+        rest is faster on one thread)."""
+        threaded = ("packed", "huffman") if kernels.native is not None else ("huffman",)
+        if decoded is not None:
+            threaded = tuple(s for s in threaded if s in decoded)
+        coded = sum(e.numel for e in self.header.tensors if e.storage in threaded)
+        return cpu_count() if coded >= THREADS_MIN_CODES else 1
+
+    def _checked(self, entry: TensorEntry, gap: int, into: np.ndarray | None = None):
+        """Check the alignment bytes before a tensor, then read (into ``into`` if given)
+        and check its bytes."""
+        self._check_zero(self.header.data_start + gap, self.header.data_start + entry.offset)
+        return self.payload(entry, into)
+
+    def _decode(self, entry: TensorEntry, gap: int, out=None, dequant=None) -> np.ndarray:
+        data = self._checked(entry, gap, scratch("payload", entry.length))
+        return decode_payload(entry, data, self.path, out, dequant)
+
+    def verify(self) -> None:
+        """Check the whole file; raises a QpackError on the first problem."""
+        for _ in self.arrays():
+            pass
+
+    def _check_zero(self, start: int, stop: int) -> None:
+        if stop > start and any(self._read_at(start, stop - start)):
+            raise E.DataError(
+                f"alignment padding at bytes [{start}, {stop}) is not zero", path=self.path
+            )
+
+
+def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Decode the bytes of a .qpk file to numpy arrays, in file order (no torch needed).
+
+    Packed tensors decode to float32; raw tensors keep their dtype, except bfloat16, which
+    numpy lacks, and is widened exactly to float32.
+    """
+    return _numpy_arrays(Reader(data))
+
+
+def load_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a .qpk file into numpy arrays (see :func:`decode` for the dtypes)."""
+    with Reader(path) as reader:
+        return _numpy_arrays(reader)
+
+
+def _numpy_arrays(reader: Reader) -> dict[str, np.ndarray]:
+    return {
+        entry.name: bf16_to_f32(array)
+        if entry.storage == "raw" and entry.dtype == "bfloat16"
+        else array
+        for entry, array in reader.arrays()
+    }
+
+
+def describe(reader: Reader, stats: bool = False) -> dict:
+    """The header as plain Python data (what ``qpack inspect`` shows). With ``stats``, the
+    codes of quantized tensors are read to add their empirical entropy bound."""
+    tensors = []
+    for e in reader.header.tensors:
+        quantized = e.storage in QUANTIZED_KINDS
+        row = {
+            "name": e.name,
+            "shape": list(e.shape),
+            "dtype": e.dtype,
+            "storage": e.storage,
+            "bits": e.bits if quantized else DTYPE_SIZES[e.dtype] * 8,
+            "scheme": e.scheme if quantized else "raw",
+            "offset": e.offset,
+            "bytes": e.length,
+            "crc32": f"{e.crc32:08x}",
+            "bits_per_weight": 8 * e.length / e.numel if e.numel else 0.0,
+        }
+        if quantized:
+            row["granularity"] = e.granularity
+            row["scale"] = [float(v) for v in e.scale]
+            row["zero_point"] = [float(v) for v in e.zero_point]
+            if e.storage == "huffman":
+                row["group"] = e.group
+            if stats:
+                codes = decode_codes(e, reader.payload(e), reader.path)
+                row["entropy_bytes"] = entropy_bits(codes, 1 << e.bits) / 8
+        tensors.append(row)
+    return {
+        "path": reader.path,
+        "version": "{}.{}".format(*reader.header.version),
+        "file_size": reader.file_size,
+        "metadata": reader.metadata,
+        "tensors": tensors,
+    }
