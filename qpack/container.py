@@ -1,4 +1,7 @@
-"""The byte layout of a .qpk file and the validation of its header (spec sections 2-4, 7).
+"""The byte layout of a .qpk file and the validation of its header (spec sections 2-4, 7):
+the reader's checks, the writer's checks against the same rules (:func:`check_limits`),
+and helpers that take a file apart and put it back together (:func:`split_file`,
+:func:`frame_file`).
 
 A file is a 24-byte preamble, a msgpack header, zero padding to a 64-byte boundary, and a
 data section holding each tensor's bytes at a 64-byte aligned offset::
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import countOf
 
 import msgpack
 import numpy as np
@@ -39,6 +43,14 @@ MAX_TENSORS = 1 << 20
 MAX_RANK = 16
 MAX_NAME_BYTES = 4096
 MAX_ELEMENTS = 1 << 48
+# Limits on the msgpack header itself (spec section 7): with them, parsing a header costs
+# time and memory proportional to its length, and at most these counts.
+MAX_DEPTH = 32  # maps and arrays nested this deep at most; the header map is at depth 1
+MAX_CONTAINER_LEN = 1 << 20  # elements of one array, pairs of one map
+MAX_STR_BYTES = 1 << 24  # bytes of one str
+MAX_BIN_BYTES = 1 << 24  # bytes of one bin or ext value
+MAX_CONTAINERS = 1 << 22  # maps and arrays in all
+MAX_OBJECTS = 1 << 25  # msgpack objects in all: the header map, every key, value and element
 
 DTYPE_SIZES = {
     "float32": 4,
@@ -79,6 +91,11 @@ GRANULARITIES = ("tensor", "channel")
 
 _PREAMBLE = struct.Struct("<8sHHIQ")
 _F32 = struct.Struct("<f")
+
+
+class _LimitError(ValueError):
+    """A header beyond a limit of spec section 7, found by the reader (inside msgpack's
+    hooks) or by the writer's checks."""
 
 
 def align(n: int) -> int:
@@ -160,15 +177,9 @@ def expected_length(entry: TensorEntry) -> int:
 
 
 def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size: int) -> bytes:
-    """Serialize the preamble and header; the data section starts at align(len(result))."""
-    body = msgpack.packb(
-        {
-            "metadata": dict(metadata),
-            "tensors": [t.to_header() for t in tensors],
-            "data_size": data_size,
-        },
-        use_bin_type=True,
-    )
+    """Serialize the preamble and header; the data section starts at align(len(result)).
+    Raises EncodeError for a header a reader would reject (see :func:`check_limits`)."""
+    body = msgpack.packb(_header_object(tensors, metadata, data_size), use_bin_type=True)
     if len(body) > MAX_HEADER_BYTES:
         raise E.EncodeError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
     # the lowest minor version whose features the file uses (spec section 9)
@@ -203,17 +214,224 @@ def layout(entries: list[TensorEntry]) -> int:
     return end
 
 
+def frame_file(header: object, data: bytes = b"", version: tuple[int, int] = VERSION) -> bytes:
+    """A file's bytes: preamble (with the header CRC), header, zero padding, ``data``.
+    ``header`` is any msgpack-able object, or msgpack bytes taken as they are; nothing is
+    validated, so tools and tests can build invalid files. Inverse of :func:`split_file`."""
+    if isinstance(header, (bytes, bytearray)):
+        body = bytes(header)
+    else:
+        body = msgpack.packb(header, use_bin_type=True)
+    head = frame_header(body, version)
+    return b"".join((head, bytes(align(len(head)) - len(head)), data))
+
+
+def split_file(blob: bytes) -> tuple[object, bytes, tuple[int, int]]:
+    """(header object, data section, version) of a file's bytes, for tools and tests that
+    edit headers. The header is decoded as a reader decodes it (:func:`unpack_header`) but
+    not validated; the magic and checksums are not checked."""
+    if len(blob) < PREAMBLE_SIZE:
+        raise E.TruncatedError(f"file of {len(blob)} bytes is shorter than the preamble")
+    _, major, minor, _, header_len = _PREAMBLE.unpack_from(blob)
+    if PREAMBLE_SIZE + header_len > len(blob):
+        raise E.TruncatedError(f"header of {header_len} bytes runs past the end of the file")
+    header = unpack_header(bytes(blob[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]))
+    return header, bytes(blob[align(PREAMBLE_SIZE + header_len) :]), (major, minor)
+
+
+# --------------------------------------------------------------------------- writing checks
+
+
+def check_entry(entry: TensorEntry) -> None:
+    """Raise EncodeError, naming the tensor, if a reader would reject this entry's header
+    record (spec sections 4 and 7). The offset is not checked: :func:`layout` assigns it."""
+    _checked_record(entry)
+
+
+def check_limits(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> None:
+    """Raise EncodeError unless a reader accepts a header of these entries and metadata:
+    every entry (:func:`check_entry`), the tensor count, unique names, the metadata and the
+    msgpack limits of spec section 7. :func:`build_header` runs these checks, then checks
+    the header's size."""
+    _header_object(entries, metadata, 0)
+
+
+def _header_object(
+    entries: Sequence[TensorEntry], metadata: Mapping[str, str], data_size: int
+) -> dict:
+    """The header map of a file, after the checks of :func:`check_limits`."""
+    most = min(MAX_TENSORS, MAX_CONTAINER_LEN)  # the tensors array is one msgpack array
+    if len(entries) > most:
+        raise E.EncodeError(f"{len(entries)} tensors exceed the limit of {most}")
+    if not all(type(k) is str and type(v) is str for k, v in metadata.items()):
+        raise E.EncodeError("metadata must map strings to strings")
+    header = {"metadata": dict(metadata), "tensors": [], "data_size": data_size}
+    try:
+        objects, containers = _tally(header, 1, "header")
+    except _LimitError as exc:
+        raise E.EncodeError(str(exc)) from None
+    names: set[str] = set()
+    for entry in entries:
+        record, entry_objects, entry_containers = _checked_record(entry)
+        if entry.name in names:
+            raise E.EncodeError("duplicate tensor name", tensor=entry.name)
+        names.add(entry.name)
+        header["tensors"].append(record)
+        objects += entry_objects
+        containers += entry_containers
+    if objects > MAX_OBJECTS or containers > MAX_CONTAINERS:
+        raise E.EncodeError(
+            f"the header would hold {objects} msgpack objects and {containers} maps and "
+            f"arrays; a reader accepts at most {MAX_OBJECTS} and {MAX_CONTAINERS}"
+        )
+    return header
+
+
+def _checked_record(entry: TensorEntry) -> tuple[dict, int, int]:
+    """The entry's header record and its msgpack (objects, maps and arrays), after the
+    checks of :func:`check_entry`."""
+    name = entry.name
+    try:
+        if type(name) is not str or not name:
+            raise _LimitError(f"a tensor name must be a non-empty string, got {name!r}")
+        size = len(_utf8(name, "the name"))
+        if size > MAX_NAME_BYTES:
+            raise _LimitError(f"the name is {size} bytes of UTF-8; at most {MAX_NAME_BYTES}")
+        record = entry.to_header()
+        objects, containers = _tally(record, 3, "entry")  # header map > tensors > entry
+        _validate_tensor(record, 0, None)  # the reader's own checks of the record
+    except _LimitError as exc:
+        raise E.EncodeError(str(exc), tensor=name if type(name) is str else None) from None
+    except E.QpackError as exc:
+        raise E.EncodeError(exc.reason, tensor=name) from None
+    return record, objects, containers
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # msgpack str is UTF-8; Python str may hold lone surrogates
+        raise _LimitError(
+            f"{what} cannot be encoded as UTF-8 (it holds a lone surrogate)"
+        ) from None
+
+
+def _check_str(text: str, what: str) -> None:
+    size = len(_utf8(text, what))
+    if size > MAX_STR_BYTES:
+        raise _LimitError(f"{what} is a str of {size} bytes; at most {MAX_STR_BYTES}")
+
+
+_PLAIN_SCALARS = frozenset((int, float, bool, type(None)))
+
+
+def _tally(value: object, depth: int, what: str) -> tuple[int, int]:
+    """The msgpack (objects, maps and arrays) that ``value``, at nesting ``depth``, packs
+    to, after checking it against the limits a reader enforces (spec section 7)."""
+    kind = type(value)
+    if kind is str:
+        _check_str(value, what)
+        return 1, 0
+    if kind is bytes:
+        if len(value) > MAX_BIN_BYTES:
+            raise _LimitError(f"{what} is {len(value)} bytes of bin; at most {MAX_BIN_BYTES}")
+        return 1, 0
+    if kind is not list and kind is not dict:
+        return 1, 0  # integers, floats, booleans, nil
+    if depth > MAX_DEPTH:
+        raise _LimitError(f"{what} nests maps and arrays more than {MAX_DEPTH} deep")
+    if len(value) > MAX_CONTAINER_LEN:
+        raise _LimitError(f"{what} has {len(value)} entries; at most {MAX_CONTAINER_LEN}")
+    if kind is list and countOf(map(type, value), int) == len(value):  # shapes, chunk starts
+        return 1 + len(value), 1
+    objects = containers = 1
+    for key, item in value.items() if kind is dict else enumerate(value):
+        if kind is dict:
+            objects += 1
+            if not (key.isascii() and len(key) <= MAX_STR_BYTES):  # else surely valid
+                _check_str(key, f"a key of {what}")
+        sub = type(item)
+        if (
+            sub in _PLAIN_SCALARS
+            or (sub is str and item.isascii() and len(item) <= MAX_STR_BYTES)
+            or (sub is bytes and len(item) <= MAX_BIN_BYTES)
+        ):
+            objects += 1  # surely valid: no label built for a message, no call
+        else:
+            more_objects, more_containers = _tally(item, depth + 1, f"{what}[{key!r}]")
+            objects += more_objects
+            containers += more_containers
+    return objects, containers
+
+
 # --------------------------------------------------------------------------- reading
 
 
-def _str_keyed_map(pairs: list) -> dict:
-    """msgpack map hook: every key a str (not bin), none repeated (spec section 4)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key in a msgpack map")
-    if not all(type(key) is str for key in out):
-        raise ValueError("a msgpack map key is not a string")
-    return out
+def unpack_header(body: bytes, path=None) -> object:
+    """Decode msgpack header bytes into plain objects, within the limits of spec section 7
+    and with every map key a str, none repeated (section 4); HeaderError otherwise."""
+    # msgpack checks each length against its limit before allocating for it; the hooks run
+    # as each map or array ends (after its elements), count it and find its height: the
+    # heights of the finished containers whose parent is still open lie on a stack, so the
+    # container children of the one that ends are the last ones there.
+    objects = MAX_OBJECTS - 1  # the budgets left; the header itself is one object
+    containers = MAX_CONTAINERS
+    heights: list[int] = []
+
+    def finish(children, count: int) -> None:
+        nonlocal objects, containers
+        objects -= count
+        containers -= 1
+        if objects < 0:
+            raise _LimitError(f"more than {MAX_OBJECTS} msgpack objects")
+        if containers < 0:
+            raise _LimitError(f"more than {MAX_CONTAINERS} maps and arrays")
+        nested = countOf(map(type, children), dict) + countOf(map(type, children), list)
+        height = 1
+        if nested:
+            height += max(heights[-nested:])
+            del heights[-nested:]
+            if height > MAX_DEPTH:
+                raise _LimitError(f"maps and arrays nested more than {MAX_DEPTH} deep")
+        heights.append(height)
+
+    def on_map(pairs: list) -> dict:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise ValueError("duplicate key in a msgpack map")
+        if countOf(map(type, out), str) != len(out):
+            raise ValueError("a msgpack map key is not a string")
+        finish(out.values(), 2 * len(out))
+        return out
+
+    def on_array(items: list) -> list:
+        finish(items, len(items))
+        return items
+
+    try:
+        return msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            object_pairs_hook=on_map,
+            list_hook=on_array,
+            max_str_len=MAX_STR_BYTES,
+            max_bin_len=MAX_BIN_BYTES,
+            max_ext_len=MAX_BIN_BYTES,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+        )
+    except _LimitError as exc:
+        raise E.HeaderError(f"header exceeds a limit: {exc}", path=path) from None
+    except msgpack.StackError:  # msgpack's own bound, far above MAX_DEPTH
+        raise E.HeaderError(
+            f"header exceeds a limit: maps and arrays nested more than {MAX_DEPTH} deep",
+            path=path,
+        ) from None
+    except Exception as exc:  # any decoding failure of untrusted bytes is a bad header
+        why = str(exc) or type(exc).__name__
+        raise E.HeaderError(f"header is not valid msgpack ({why})", path=path) from None
 
 
 def read_header(read_at: Callable[[int, int], bytes], file_size: int, path=None) -> Header:
@@ -243,14 +461,7 @@ def read_header(read_at: Callable[[int, int], bytes], file_size: int, path=None)
     body = read_at(PREAMBLE_SIZE, header_len)
     if header_crc(head, body) != crc:
         raise E.HeaderChecksumError("header checksum mismatch (corrupted header)", path=path)
-    try:
-        obj = msgpack.unpackb(
-            body, raw=False, use_list=True, object_pairs_hook=_str_keyed_map, strict_map_key=True
-        )
-    except Exception as exc:  # any decoding failure of untrusted bytes is a bad header
-        why = str(exc) or type(exc).__name__
-        raise E.HeaderError(f"header is not valid msgpack ({why})", path=path) from None
-    header = _validate(obj, (major, minor), path)
+    header = _validate(unpack_header(body, path), (major, minor), path)
     header.header_len = header_len
     header.data_start = align(PREAMBLE_SIZE + header_len)
     end = header.data_start + header.data_size
@@ -363,12 +574,14 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
     if type(shape) is not list or len(shape) > MAX_RANK:
         _fail(path, f"shape must be an array of at most {MAX_RANK} dimensions", name)
     dims = tuple(shape)
-    if not all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in dims):
+    if countOf(map(type, dims), int) != len(dims) or (
+        dims and not 0 <= min(dims) <= max(dims) <= MAX_ELEMENTS
+    ):
         for d in dims:
             _uint(d, "each dimension", path, name, MAX_ELEMENTS + 1)
     # Zero dimensions count as 1 here: numpy (like any array library) must be able to
     # describe the shape, even when it holds no element.
-    if math.prod(max(d, 1) for d in dims) > MAX_ELEMENTS:
+    if math.prod(filter(None, dims)) > MAX_ELEMENTS:
         _fail(path, f"shape {list(dims)} exceeds {MAX_ELEMENTS} elements", name)
     dtype = _text(raw["dtype"], "dtype", path, name)
     if dtype not in DTYPE_SIZES:
@@ -420,7 +633,7 @@ def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
         _fail(path, "per-channel quantization needs at least one dimension", name)
     count = entry.shape[0] if granularity == "channel" else 1
     scheme = raw.get("scheme")
-    if scheme is not None:
+    if "scheme" in raw:  # optional, but a str when present: nil is not a str
         _text(scheme, "scheme", path, name)
     entry.bits = bits
     entry.dequant = dequant

@@ -107,7 +107,7 @@ def _symbol_codes(bits: int, group: int) -> np.ndarray:
 
 def ungroup_symbols(symbols: np.ndarray, bits: int, group: int, count: int) -> np.ndarray:
     """Split symbols back into their first ``count`` codes (the codes padding the last
-    symbol are dropped; :func:`qpack.codec` checks them on the symbol). One table lookup
+    symbol are dropped; :mod:`qpack.decoder` checks them on the symbol). One table lookup
     per symbol yields all of its codes at once."""
     if group == 1:
         return symbols[:count]

@@ -21,22 +21,21 @@ through :data:`NATIVE`, the module as imported (tests of them skip where it did 
 from __future__ import annotations
 
 import contextlib
-import struct
 import zlib
 from functools import cache
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import qpack
 from qpack import entropy as H
 from qpack import errors as E
 from qpack import kernels
 from qpack import reader as qreader
 from qpack import writer as qwriter
-from qpack.container import frame_header
+from qpack.container import frame_file, split_file
 
 NATIVE = kernels.native
 native_only = pytest.mark.skipif(NATIVE is None, reason="qpack._ckernels is not built")
@@ -759,13 +758,13 @@ def indexed_file(
     index_min: int = INDEX_MIN,
 ) -> bytes:
     with backend(NATIVE if native_writer else None), index_writer(chunk, index_min):
-        return qwriter.encode(_weights(), bits=BITS, scheme=scheme, entropy=True)
+        return qpack.encode(_weights(), bits=BITS, scheme=scheme, entropy=True)
 
 
 @cache
 def packed_file(scheme: str = "asymmetric-per-channel") -> bytes:
     with backend(None):
-        return qwriter.encode(_weights(), bits=BITS, scheme=scheme, entropy=False)
+        return qpack.encode(_weights(), bits=BITS, scheme=scheme, entropy=False)
 
 
 def _symbols_of(entry, payload) -> np.ndarray:
@@ -876,37 +875,23 @@ def test_header_version_follows_the_index():
         assert bytes(a.payload(entry)) == bytes(b.payload(b.entry(entry.name))), entry.name
     # the default writer (index from 2^14 symbols) leaves these small tensors unindexed
     assert H.CHUNK_INDEX_MIN == H.CHUNK_SYMBOLS == 1 << 14
-    plain = qwriter.encode(_weights(), bits=BITS, entropy=True)
+    plain = qpack.encode(_weights(), bits=BITS, entropy=True)
     assert qreader.Reader(plain).header.version == (1, 1)
 
 
 def test_one_indexed_tensor_makes_the_file_1_2():
     weights = {"small": _weights()["small"], "w8": _weights()["w8"]}
     with index_writer():
-        blob = qwriter.encode(weights, bits=8, entropy=True)
+        blob = qpack.encode(weights, bits=8, entropy=True)
     reader = qreader.Reader(blob)
     assert [e.chunk is not None for e in reader.header.tensors] == [False, True]
     assert reader.header.version == (1, 2)
     with index_writer():
-        blob = qwriter.encode({"small": _weights()["small"]}, bits=8, entropy=True)
+        blob = qpack.encode({"small": _weights()["small"]}, bits=8, entropy=True)
     assert qreader.Reader(blob).header.version == (1, 1)
 
 
 # ------------------------------------------------------------ re-framed headers (5, 6)
-
-
-def _parts(blob: bytes) -> tuple[dict, bytes, tuple[int, int]]:
-    """(header object, data section, version) of a file."""
-    major, minor = struct.unpack_from("<HH", blob, 8)
-    header_len = int.from_bytes(blob[16:24], "little")
-    header = msgpack.unpackb(blob[24 : 24 + header_len], raw=False)
-    start = -(-(24 + header_len) // 64) * 64
-    return header, blob[start:], (major, minor)
-
-
-def _reframe(header: dict, data: bytes, version: tuple[int, int]) -> bytes:
-    head = frame_header(msgpack.packb(header, use_bin_type=True), version)
-    return head + bytes(-len(head) % 64) + data
 
 
 DELETE = object()
@@ -914,26 +899,26 @@ DELETE = object()
 
 def _edited(blob: bytes, name: str, version=None, **changes) -> bytes:
     """The file with tensor ``name``'s header keys changed (DELETE removes one)."""
-    header, data, old = _parts(blob)
+    header, data, old = split_file(blob)
     (raw,) = [t for t in header["tensors"] if t["name"] == name]
     for key, value in changes.items():
         if value is DELETE:
             raw.pop(key, None)
         else:
             raw[key] = value
-    return _reframe(header, data, version or old)
+    return frame_file(header, data, version or old)
 
 
 def _starts(blob: bytes, name: str) -> list[int]:
-    header, _, _ = _parts(blob)
+    header, _, _ = split_file(blob)
     (raw,) = [t for t in header["tensors"] if t["name"] == name]
     return list(raw["chunk_starts"])
 
 
 def test_reframing_keeps_a_file_intact():
     blob = indexed_file()
-    header, data, version = _parts(blob)
-    assert _reframe(header, data, version) == blob
+    header, data, version = split_file(blob)
+    assert frame_file(header, data, version) == blob
 
 
 @pytest.mark.parametrize("native", BACKENDS)
@@ -941,11 +926,11 @@ def test_an_old_readers_view_decodes_the_same(native):
     """Without chunk and chunk_starts (and as version 1.1), every tensor decodes to the
     same values: the index does not change the stream."""
     blob = indexed_file()
-    header, data, _ = _parts(blob)
+    header, data, _ = split_file(blob)
     for raw in header["tensors"]:
         raw.pop("chunk", None)
         raw.pop("chunk_starts", None)
-    stripped = _reframe(header, data, (1, 1))
+    stripped = frame_file(header, data, (1, 1))
     reader = qreader.Reader(stripped)
     assert reader.header.version == (1, 1)
     assert all(e.chunk is None and e.chunk_starts is None for e in reader.header.tensors)
@@ -959,8 +944,8 @@ def test_an_old_readers_view_decodes_the_same(native):
 def test_a_1_1_file_with_unknown_minor_keys_still_decodes(native):
     """A 1.1 file carrying the index (e.g. copied by an old tool) is read as 1.2 data."""
     blob = indexed_file()
-    header, data, _ = _parts(blob)
-    again = _reframe(header, data, (1, 1))
+    header, data, _ = split_file(blob)
+    again = frame_file(header, data, (1, 1))
     expected = decode_all(blob, None)
     got = decode_all(again, native)
     assert np.array_equal(bits_of(got["w8"]), bits_of(expected["w8"]))
@@ -1111,12 +1096,12 @@ def test_a_wrong_start_within_bounds_is_bad_data(native, name):
 
 def _with_payload(blob: bytes, name: str, payload: bytes) -> bytes:
     """The file with tensor ``name``'s bytes replaced (same length, CRC kept valid)."""
-    header, data, version = _parts(blob)
+    header, data, version = split_file(blob)
     (raw,) = [t for t in header["tensors"] if t["name"] == name]
     assert len(payload) == raw["length"]
     data = data[: raw["offset"]] + payload + data[raw["offset"] + raw["length"] :]
     raw["crc32"] = zlib.crc32(payload)
-    return _reframe(header, data, version)
+    return frame_file(header, data, version)
 
 
 def _outcome(blob: bytes, native):
@@ -1243,12 +1228,12 @@ def test_default_writer_indexes_streams_from_2_14_symbols_for_four_lanes():
     same as without the index, through every route."""
     rng = np.random.default_rng(7)
     weights = {"w": rng.laplace(size=(8, 2500)).astype(np.float32)}
-    blob = qwriter.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+    blob = qpack.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
     entry = qreader.Reader(blob).entry("w")
     assert entry.storage == "huffman" and entry.group == 1
     assert entry.chunk == 5000 and len(entry.chunk_starts) == 3
     with index_writer(index_min=1 << 40):
-        plain = qwriter.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
+        plain = qpack.encode(weights, bits=8, scheme="asymmetric-per-layer", entropy=True)
     assert qreader.Reader(plain).entry("w").chunk is None
     for native in (None, NATIVE) if NATIVE is not None else (None,):
         got, want = decode_all(blob, native), decode_all(plain, native)

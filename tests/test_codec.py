@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 import qpack
 from qpack import errors as E
 from qpack.bitpack import packed_size
-from qpack.container import TENSOR_KEYS
+from qpack.container import TENSOR_KEYS, frame_file, split_file
 from qpack.reader import Reader
 
 SYM = "symmetric-per-layer"
@@ -53,37 +53,21 @@ def spec_header_crc(blob: bytes) -> int:
     return spec_crc(blob[:24], blob[24 : 24 + header_len])
 
 
-header_crc = spec_crc
-
-
-def frame(
-    body: bytes,
-    data: bytes = b"",
-    *,
-    major: int = 1,
-    minor: int = 0,
-    header_len: int | None = None,
-) -> bytes:
-    """A file with the given msgpack header bytes and data section, CRC recomputed (over the
-    body given, also when header_len is overridden to lie about it)."""
-    length = len(body) if header_len is None else header_len
-    pre = MAGIC + struct.pack("<HHIQ", major, minor, 0, length)
-    pre = pre[:12] + struct.pack("<I", header_crc(pre, body)) + pre[16:]
-    blob = pre + body
-    return blob + bytes(align64(len(blob)) - len(blob)) + data
-
-
-def split(blob: bytes) -> tuple[dict, bytes]:
-    """The header map and the data section of a valid file."""
-    (header_len,) = struct.unpack_from("<Q", blob, 16)
-    header = msgpack.unpackb(blob[24 : 24 + header_len], raw=False)
-    return header, blob[align64(24 + header_len) :]
-
-
-def reframe(blob: bytes, mutate, **kw) -> bytes:
-    header, data = split(blob)
+def reframe(blob: bytes, mutate) -> bytes:
+    """The file after ``mutate(header)`` edits its header map (header CRC kept valid)."""
+    header, data, version = split_file(blob)
     mutate(header)
-    return frame(msgpack.packb(header, use_bin_type=True), data, **kw)
+    return frame_file(header, data, version)
+
+
+def with_header_len(blob: bytes, header_len: int) -> bytes:
+    """``blob`` whose header_len field says ``header_len``, with a header CRC computed as
+    documented over that preamble and the same header bytes."""
+    (real,) = struct.unpack_from("<Q", blob, 16)
+    out = bytearray(blob)
+    struct.pack_into("<Q", out, 16, header_len)
+    struct.pack_into("<I", out, 12, spec_crc(bytes(out[:24]), blob[24 : 24 + real]))
+    return bytes(out)
 
 
 def small_arrays() -> dict[str, np.ndarray]:
@@ -121,7 +105,7 @@ def all_readers(blob: bytes, tmp_path):
 def test_helpers_rebuild_a_valid_file_exactly():
     assert reframe(SMALL, lambda h: None) == SMALL
     assert len(SMALL) < 1024
-    header, _ = split(SMALL)
+    header, _, _ = split_file(SMALL)
     assert [t["storage"] for t in header["tensors"]] == ["packed", "raw", "raw"]
     (header_len,) = struct.unpack_from("<Q", SMALL, 16)
     assert align64(24 + header_len) > 24 + header_len  # there is header padding to test
@@ -191,12 +175,12 @@ def test_encode_rejects_bad_names_and_dtypes():
 
 
 def test_reader_fetches_one_tensor_and_checks_only_it():
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     # corrupt the bias bytes: the weight can still be fetched, the bias cannot
     start = header["tensors"][1]["offset"]
     bad = bytearray(data)
     bad[start] ^= 0x01
-    blob = frame(msgpack.packb(header, use_bin_type=True), bytes(bad))
+    blob = frame_file(header, bytes(bad), (1, 0))
     with Reader(blob) as reader:
         assert reader.keys() == ["layer.weight", "layer.bias", "steps"]
         assert np.array_equal(reader.array("layer.weight"), SMALL_DECODED["layer.weight"])
@@ -282,7 +266,7 @@ def test_random_garbage_raises_qpack_error():
         # a well-framed header whose body is random bytes (its CRC is right)
         body = rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
         with pytest.raises(E.QpackError) as info:
-            qpack.decode(frame(body))
+            qpack.decode(frame_file(body, b"", (1, 0)))
         assert isinstance(info.value, (E.HeaderError, E.LayoutError, E.TruncatedError))
 
 
@@ -431,7 +415,7 @@ SCHEMA_CASES = [
 
 
 def test_small_file_layout_assumed_by_cases():
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     t = header["tensors"]
     assert [x["name"] for x in t] == [W, B, "steps"]
     assert [x["offset"] for x in t] == [0, 64, 128] and header["data_size"] == 136
@@ -460,10 +444,10 @@ def test_schema_violation(tmp_path, mutate, cls, tensor):
 
 
 def test_data_checksum_names_tensor(tmp_path):
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     bad = bytearray(data)
     bad[64] ^= 0x80  # first byte of layer.bias
-    blob = frame(msgpack.packb(header, use_bin_type=True), bytes(bad))
+    blob = frame_file(header, bytes(bad), (1, 0))
     path = every_reader_raises(blob, tmp_path, E.DataChecksumError, "data-checksum", B)
     assert qpack.inspect(path)["tensors"][1]["name"] == B  # the header alone is fine
 
@@ -480,13 +464,13 @@ def every_reader_raises(blob: bytes, tmp_path, cls, code: str, tensor: str):
 
 
 def test_nonzero_padding_bits_are_rejected(tmp_path):
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     bad = bytearray(data)
     # 12 codes of 3 bits: 36 bits in 5 bytes, so the top 4 bits of byte 4 are padding
     assert header["tensors"][0]["length"] == 5
     bad[4] |= 0x80
     header["tensors"][0]["crc32"] = zlib.crc32(bytes(bad[:5]))
-    blob = frame(msgpack.packb(header, use_bin_type=True), bytes(bad))
+    blob = frame_file(header, bytes(bad), (1, 0))
     every_reader_raises(blob, tmp_path, E.DataError, "bad-data", W)
 
 
@@ -537,39 +521,39 @@ def test_header_checksum_mismatch():
 )
 def test_header_not_valid_msgpack_or_not_a_map(body, why):
     with pytest.raises(E.HeaderError) as info:
-        qpack.decode(frame(body))
+        qpack.decode(frame_file(body, b"", (1, 0)))
     assert type(info.value) is E.HeaderError and info.value.code == "bad-header"
 
 
 def test_version_and_header_len_checks():
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     body = msgpack.packb(header, use_bin_type=True)
     with pytest.raises(E.VersionError) as info:
-        qpack.decode(frame(body, data, major=2))
+        qpack.decode(frame_file(body, data, (2, 0)))
     assert info.value.code == "unsupported-version"
     with pytest.raises(E.VersionError):
-        qpack.decode(frame(body, data, major=0))
+        qpack.decode(frame_file(body, data, (0, 0)))
     # a newer minor version is read (spec section 9)
-    newer = frame(body, data, minor=7)
+    newer = frame_file(body, data, (1, 7))
     assert identical(qpack.decode(newer), SMALL_DECODED)
     assert Reader(newer).header.version == (1, 7)
     # header_len above 64 MiB, in a small file
     with pytest.raises(E.HeaderTooLargeError) as info:
-        qpack.decode(frame(body, data, header_len=(64 << 20) + 1))
+        qpack.decode(with_header_len(frame_file(body, data, (1, 0)), (64 << 20) + 1))
     assert info.value.code == "header-too-large"
     # 64 MiB exactly is allowed but runs past this file's end
     with pytest.raises(E.TruncatedError):
-        qpack.decode(frame(body, data, header_len=64 << 20))
+        qpack.decode(with_header_len(frame_file(body, data, (1, 0)), 64 << 20))
 
 
 def test_check_order():
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     body = msgpack.packb(header, use_bin_type=True)
-    wrong_crc = bytearray(frame(body, data, major=2))
+    wrong_crc = bytearray(frame_file(body, data, (2, 0)))
     wrong_crc[12] ^= 0xFF
     with pytest.raises(E.VersionError):  # check 3 before check 6
         qpack.decode(bytes(wrong_crc))
-    huge = bytearray(frame(body, data, header_len=1 << 40))
+    huge = bytearray(with_header_len(frame_file(body, data, (1, 0)), 1 << 40))
     huge[12] ^= 0xFF
     with pytest.raises(E.HeaderTooLargeError):  # check 4 before 5 and 6
         qpack.decode(bytes(huge))
@@ -598,10 +582,10 @@ def test_unknown_keys_are_ignored_and_metadata_is_optional():
 
 
 def test_empty_file_of_no_tensors():
-    blob = frame(msgpack.packb({"tensors": [], "data_size": 0}))
+    blob = frame_file({"tensors": [], "data_size": 0}, b"", (1, 0))
     assert qpack.decode(blob) == {}
     written = qpack.encode({})
-    header, data = split(written)
+    header, data, _ = split_file(written)
     assert header["tensors"] == [] and header["data_size"] == 0 and data == b""
     assert len(written) % 64 == 0 and qpack.decode(written) == {}
 
@@ -609,7 +593,7 @@ def test_empty_file_of_no_tensors():
 def test_zero_length_tensors_have_canonical_offsets():
     arrays = {"a": np.zeros((0, 3), np.float32), "b": np.zeros(0, np.int8), "c": np.ones(2)}
     blob = qpack.encode(arrays)
-    header, data = split(blob)
+    header, data, _ = split_file(blob)
     assert [t["offset"] for t in header["tensors"]] == [0, 0, 0]
     assert [t["length"] for t in header["tensors"]] == [0, 0, 16] and len(data) == 16
     out = qpack.decode(blob)
@@ -649,7 +633,7 @@ mutations = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(mutations)
 def test_fuzzed_headers_raise_qpack_error_or_decode(ops):
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     for target, key, delete, value in ops:
         container = header
         if target != "top":
@@ -663,7 +647,7 @@ def test_fuzzed_headers_raise_qpack_error_or_decode(ops):
             container.pop(key, None)
         else:
             container[key] = value
-    blob = frame(msgpack.packb(header, use_bin_type=True), data)
+    blob = frame_file(header, data, (1, 0))
     try:
         out = qpack.decode(blob)
     except E.QpackError:
@@ -690,12 +674,12 @@ def test_header_crc_covers_header_len():
 
 @pytest.mark.parametrize("where", ["top", "tensor"])
 def test_non_str_map_keys_are_rejected(where):
-    header, data = split(SMALL)
+    header, data, _ = split_file(SMALL)
     if where == "top":
         header[b"data_size"] = 1  # a bin key next to the str key of the same bytes
     else:
         header["tensors"][0][b"x"] = 1
-    blob = frame(msgpack.packb(header, use_bin_type=True), data)
+    blob = frame_file(header, data, (1, 0))
     with pytest.raises(E.HeaderError):
         qpack.decode(blob)
 

@@ -7,7 +7,8 @@ Every valid vector ``valid/NAME.qpk`` has ``valid/NAME.json`` with the expected 
 per tensor its shape, dtype, storage and ``data``, the hex of the little-endian bytes a
 conforming decoder produces (float32 values for packed tensors, the stored bytes for raw
 ones), plus informational ``codes`` and ``values``. ``manifest.json`` lists every vector;
-each invalid vector names the error code (spec section 8) a reader must raise.
+each invalid vector names the error code (spec section 8) a reader must raise and, for a
+defect that a check of one tensor finds, that tensor (spec section 10).
 """
 
 from __future__ import annotations
@@ -18,16 +19,33 @@ import sys
 import zlib
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qpack import codec  # noqa: E402
+import qpack  # noqa: E402
 from qpack.bitpack import pack_codes  # noqa: E402
-from qpack.container import QUANTIZED_KINDS, TensorEntry, frame_header  # noqa: E402
-from qpack.entropy import chunk_starts, encode_symbols, group_codes, huffman_lengths  # noqa: E402
+from qpack.container import (  # noqa: E402
+    MAX_BIN_BYTES,
+    MAX_CONTAINER_LEN,
+    MAX_DEPTH,
+    MAX_STR_BYTES,
+    QUANTIZED_KINDS,
+    TensorEntry,
+    frame_file,
+    split_file,
+)
+from qpack.decoder import decode_codes  # noqa: E402
+from qpack.entropy import (  # noqa: E402
+    chunk_starts,
+    encode_symbols,
+    group_codes,
+    huffman_lengths,
+    pack_lengths,
+)
+from qpack.reader import Reader  # noqa: E402
+from qpack.writer import serialize  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
 META = {"producer": "qpack conformance vectors"}
@@ -41,7 +59,7 @@ def _file(items, *, bits=8, scheme="asymmetric-per-channel", entropy=False, meta
     """A file made by the real encoder from (name, array) pairs."""
     meta = dict(META, **(metadata or {}))
     arrays = dict(items)
-    return codec.encode(arrays, bits=bits, scheme=scheme, entropy=entropy, metadata=meta)
+    return qpack.encode(arrays, bits=bits, scheme=scheme, entropy=entropy, metadata=meta)
 
 
 def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> bytes:
@@ -62,7 +80,7 @@ def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> b
         scale=np.asarray(scale, dtype=np.float32),
         zero_point=np.asarray(zero_point, dtype=np.float32),
     )
-    return _join(codec.serialize([(entry, payload)], META))
+    return _single(entry, payload)
 
 
 def _huffman(
@@ -94,7 +112,7 @@ def _huffman(
     )
     if chunk is not None:
         entry.chunk, entry.chunk_starts = chunk, chunk_starts(symbols, lengths, chunk)
-    return _join(codec.serialize([(entry, stream)], META))
+    return _single(entry, stream)
 
 
 def _chunked() -> bytes:
@@ -121,8 +139,9 @@ WORKED_CODES = [0, 0, 1, 2, 0, 3]
 WORKED_LENGTHS = [1, 2, 3, 3]
 
 
-def _join(chunks) -> bytes:
-    return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)
+def _single(entry: TensorEntry, payload) -> bytes:
+    """The file of one tensor, written by the writer."""
+    return b"".join(bytes(c) for c in serialize([(entry, payload)], META))
 
 
 def valid_vectors() -> dict[str, tuple[bytes, str]]:
@@ -208,7 +227,20 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
             ],
             bits=4,
         ),
-        "scalar tensors, an empty raw tensor and an empty packed tensor (length 0)",
+        "raw scalar tensors and two empty float tensors, both stored packed (length 0), "
+        "the one named empty_raw included",
+    )
+    v["empty_raw"] = (
+        _file(
+            [
+                ("empty_f32", np.zeros((0, 4), dtype=np.float32)),
+                ("empty_i64", np.zeros((3, 0), dtype=np.int64)),
+                ("empty_bool", np.zeros((0,), dtype=bool)),
+                ("after", np.arange(3, dtype=np.int16)),
+            ],
+            bits={"empty_f32": None},
+        ),
+        "empty raw tensors (length 0, each at the canonical offset) before a non-empty one",
     )
     v["metadata_only"] = (
         _file([], metadata={"model": "UNet576k", "note": "naïve ünïcode ✓", "empty": ""}),
@@ -286,56 +318,68 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         _chunked(),
         "version 1.2: a chunk index of 16 symbols per chunk (12 starts) on an 8-bit stream",
     )
+    v["huffman_empty_chunk_index"] = (
+        _huffman([], 2, 1, [0, 0, 0, 0], chunk=1),
+        "an empty Huffman tensor (S = 0): no codeword, no bytes, a chunk index of no entries",
+    )
     v["future_minor_version"] = (
         _future_minor(v["mini_unet_block"][0]),
         "version 1.99 with unknown optional keys: a 1.x reader ignores them and decodes",
+    )
+    v["nesting_at_limit"] = (
+        _mutate(v["bits4_worked_example"][0], _add_key("x-deep", _nested(MAX_DEPTH - 1))),
+        f"an unknown key holding arrays nested to depth {MAX_DEPTH} (the header map is depth 1)",
     )
     return v
 
 
 def _future_minor(base: bytes) -> bytes:
-    header, _, data = _parts(base)
+    header, data, _ = split_file(base)
     header["added_in_1_99"] = {"anything": [1, 2.5, None]}
     header["tensors"][0]["hint"] = "ignored by 1.0 readers"
-    return _reframe(header, data, (1, 99))
+    return frame_file(header, data, (1, 99))
+
+
+def _nested(levels: int) -> list:
+    """Arrays nested ``levels`` deep, the innermost empty."""
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def _add_key(key, value):
+    def fn(header, data):
+        header[key] = value
+
+    return fn
 
 
 def _bfloat16_raw() -> bytes:
     bits16 = np.array([0x3F80, 0xC000, 0x7F7F, 0x0001], dtype="<u2")  # 1, -2, max, tiny
     entry = TensorEntry("bf16", (4,), "bfloat16", "raw", 0, 8, zlib.crc32(bits16.tobytes()))
-    return _join(codec.serialize([(entry, bits16.view(np.uint8))], META))
+    return _single(entry, bits16.view(np.uint8))
 
 
 # --------------------------------------------------------------------------- invalid
 
 
-def _parts(blob: bytes) -> tuple[dict, int, bytes]:
-    """Split a valid file into (header object, data start, data section)."""
-    header_len = int.from_bytes(blob[16:24], "little")
-    header = msgpack.unpackb(blob[24 : 24 + header_len], raw=False)
-    start = -(-(24 + header_len) // 64) * 64
-    return header, start, blob[start:]
-
-
-def _reframe(header: dict, data: bytes, version=(1, 0)) -> bytes:
-    """Rebuild a file around a modified header, keeping the header CRC valid."""
-    head = frame_header(msgpack.packb(header, use_bin_type=True), version)
-    return head + bytes(-len(head) % 64) + data
-
-
 def _mutate(blob: bytes, fn, version=(1, 0)) -> bytes:
-    header, _, data = _parts(blob)
-    data = fn(header, data)
-    return _reframe(header, data if data is not None else _parts(blob)[2], version)
+    """The file re-framed (header CRC kept valid) after ``fn(header, data)`` edits its
+    header in place; ``fn`` may return new data bytes."""
+    header, data, _ = split_file(blob)
+    changed = fn(header, data)
+    return frame_file(header, data if changed is None else changed, version)
 
 
-def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
-    """name -> (file bytes, expected error code, description); ``base`` is a valid file."""
+def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str, str | None]]:
+    """name -> (file bytes, expected error code, description, the tensor whose decoding
+    fails, if a per-tensor check fails); ``base`` is a valid file."""
     header_len = int.from_bytes(base[16:24], "little")
-    inv: dict[str, tuple[bytes, str, str]] = {}
+    inv: dict[str, tuple[bytes, str, str, str | None]] = {}
 
-    def add(name, blob, code, text):
-        inv[name] = (blob, code, text)
+    def add(name, blob, code, text, tensor=None):
+        inv[name] = (blob, code, text, tensor)
 
     def set_key(index, key, value):
         def fn(header, data):
@@ -354,16 +398,21 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
     add("header_checksum", bytes(flipped), "header-checksum", "one header bit flipped")
     flipped = bytearray(base)
     flipped[-1] ^= 0x01
-    add("data_checksum", bytes(flipped), "data-checksum", "one data bit flipped")
-    header, _, data = _parts(base)
-    add("major_version_2", _reframe(header, data, (2, 0)), "unsupported-version", "major version 2")
+    add("data_checksum", bytes(flipped), "data-checksum", "one data bit flipped", "fc.weight")
+    header, data, _ = split_file(base)
+    add(
+        "major_version_2",
+        frame_file(header, data, (2, 0)),
+        "unsupported-version",
+        "major version 2",
+    )
     huge = bytearray(base)
     huge[16:24] = (1 << 40).to_bytes(8, "little")
     add("oversized_header", bytes(huge), "header-too-large", "header_len of 1 TiB")
     add("not_msgpack", _rebody(b"\xc1" * 16), "bad-header", "the header is not msgpack")
     add(
         "header_not_a_map",
-        _rebody(msgpack.packb([1, 2, 3])),
+        _rebody([1, 2, 3]),
         "bad-header",
         "the header is an array, not a map",
     )
@@ -447,17 +496,23 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         _padding_bits(),
         "bad-data",
         "a set bit after the last code, with a CRC that covers it",
+        "w",
     )
     add(
         "nonzero_alignment_padding",
         _alignment_padding(base),
         "bad-data",
         "a nonzero byte between the header and the data section",
+        "conv.weight",
     )
-    add("bool_byte_2", _bad_bool(), "bad-data", "a raw bool byte of 0x02")
+    add("bool_byte_2", _bad_bool(), "bad-data", "a raw bool byte of 0x02", "mask")
     add(
         "huffman_oversubscribed",
-        _huffman(WORKED_CODES, 2, 1, [1, 1, 2, 2], stream=b"\x00\x00"),
+        _mutate(
+            _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x00\x00"),
+            set_key(0, "code_lengths", pack_lengths(np.array([1, 1, 2, 2], np.uint8))),
+            (1, 1),
+        ),
         "bad-header",
         "code lengths whose Kraft sum exceeds 1",
     )
@@ -472,30 +527,35 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34"),
         "bad-data",
         "6 symbols expected, the stream holds 8 bits",
+        "w",
     )
     add(
         "huffman_invalid_codeword",
         _huffman(WORKED_CODES, 2, 1, [1, 2, 3, 0], stream=b"\xff\x00"),
         "bad-data",
         "an incomplete code and a stream using the pattern no symbol owns",
+        "w",
     )
     add(
         "huffman_padding_bits",
         _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34\x87"),
         "bad-data",
         "a set bit after the last codeword",
+        "w",
     )
     add(
         "huffman_trailing_byte",
         _huffman(WORKED_CODES, 2, 1, WORKED_LENGTHS, stream=b"\x34\x07\x00"),
         "bad-data",
         "a whole unused byte after the last codeword",
+        "w",
     )
     add(
         "huffman_spare_codes",
         _huffman([1] * 5, 1, 8, [0] * 31 + [1] + [0] * 223 + [1], stream=b"\x01"),
         "bad-data",
         "the last symbol's padding codes are not zero",
+        "w",
     )
     chunked = _chunked()
     add(
@@ -503,6 +563,7 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         _mutate(chunked, _set_chunk_start(5, -1), (1, 2)),
         "bad-data",
         "a chunk index entry one bit before where its chunk begins",
+        "w",
     )
     add(
         "chunk_starts_count",
@@ -521,14 +582,81 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str]]:
         _handmade((4,), 2, [0, 1, 2, 3], [3e38], [0.0], "tensor"),
         "bad-header",
         "finite scale and zero point whose product with a code overflows binary32",
+        "w",
     )
+    add(
+        "negative_offset",
+        _mutate(base, set_key(0, "offset", -1)),
+        "bad-header",
+        "a negative offset",
+    )
+    add(
+        "negative_length",
+        _mutate(base, set_key(0, "length", -1)),
+        "bad-header",
+        "a negative length",
+    )
+    add(
+        "scheme_nil",
+        _mutate(base, set_key(0, "scheme", None)),
+        "bad-header",
+        "a packed tensor whose optional scheme is nil, not a str",
+    )
+    add(
+        "chunk_starts_empty_tensor",
+        _mutate(_huffman([], 2, 1, [0, 0, 0, 0], chunk=1), set_key(0, "chunk_starts", [0]), (1, 2)),
+        "bad-header",
+        "an empty Huffman tensor (S = 0, so no chunk) whose chunk index has an entry",
+    )
+    add(
+        "nonzero_gap_between_tensors",
+        _gap_byte(base, 1),
+        "bad-data",
+        "a nonzero alignment byte between the first and the second tensor",
+        "conv.bias",
+    )
+    add(
+        "nesting_too_deep",
+        _mutate(base, _add_key("x-deep", _nested(MAX_DEPTH))),
+        "bad-header",
+        f"an unknown key holding arrays nested to depth {MAX_DEPTH + 1}",
+    )
+    for name, prefix, what in (
+        ("array_too_long", b"\xdd" + (MAX_CONTAINER_LEN + 1).to_bytes(4, "big"), "an array"),
+        ("map_too_long", b"\xdf" + (MAX_CONTAINER_LEN + 1).to_bytes(4, "big"), "a map"),
+        ("str_too_long", b"\xdb" + (MAX_STR_BYTES + 1).to_bytes(4, "big"), "a str"),
+        ("bin_too_long", b"\xc6" + (MAX_BIN_BYTES + 1).to_bytes(4, "big"), "a bin"),
+        ("ext_too_long", b"\xc9" + (MAX_BIN_BYTES + 1).to_bytes(4, "big") + b"\x01", "an ext"),
+    ):
+        add(
+            name,
+            _rebody(_EMPTY_HEADER + prefix),
+            "bad-header",
+            f"an unknown key holding {what} whose length prefix exceeds the limit by one "
+            "(what the prefix announces is absent: a reader rejects the prefix)",
+        )
     return inv
+
+
+# {"tensors": [], "data_size": 0, "x": ...}, the value of "x" to be appended
+_EMPTY_HEADER = b"\x83\xa7tensors\x90\xa9data_size\x00\xa1x"
+
+
+def _gap_byte(base: bytes, index: int) -> bytes:
+    """``base`` with the first alignment byte before tensor ``index`` set."""
+    header, data, _ = split_file(base)
+    before = header["tensors"][index - 1]
+    gap = len(base) - len(data) + before["offset"] + before["length"]
+    assert gap % 64, "the tensor must be followed by alignment padding"
+    blob = bytearray(base)
+    blob[gap] = 0x5A
+    return bytes(blob)
 
 
 def _bad_bool() -> bytes:
     payload = np.array([1, 2, 0], dtype=np.uint8)
     entry = TensorEntry("mask", (3,), "bool", "raw", 0, 3, zlib.crc32(payload.tobytes()))
-    return _join(codec.serialize([(entry, payload)], META))
+    return _single(entry, payload)
 
 
 def _set_group(group):
@@ -538,9 +666,9 @@ def _set_group(group):
     return fn
 
 
-def _rebody(body: bytes) -> bytes:
-    head = frame_header(body, (1, 1))  # as first written, when 1.1 was the newest version
-    return head + bytes(-len(head) % 64)
+def _rebody(header) -> bytes:
+    """A file of this header (an object, or msgpack bytes) and no data."""
+    return frame_file(header, b"", (1, 1))  # as first written, when 1.1 was the newest version
 
 
 def _grow_offset(header, data):
@@ -582,7 +710,7 @@ def _padding_bits() -> bytes:
         scale=np.ones(1, np.float32),
         zero_point=np.zeros(1, np.float32),
     )
-    return _join(codec.serialize([(entry, bytes(payload))], META))
+    return _single(entry, bytes(payload))
 
 
 def _alignment_padding(base: bytes) -> bytes:
@@ -599,7 +727,7 @@ def _alignment_padding(base: bytes) -> bytes:
 
 def expectation(blob: bytes) -> dict:
     """The expected decoding of a valid vector, computed by the reference decoder."""
-    reader = codec.Reader(blob)
+    reader = Reader(blob)
     tensors = []
     for entry, array in reader.arrays():
         row = {
@@ -616,7 +744,7 @@ def expectation(blob: bytes) -> dict:
                 row["group"] = entry.group
             row["decoded_dtype"] = "float32"
             if small:
-                codes = codec.decode_codes(entry, reader.payload(entry))
+                codes = decode_codes(entry, reader.payload(entry))
                 row["codes"] = codes.tolist()
             le = array.astype("<f4")
         else:
@@ -640,11 +768,12 @@ def build() -> dict[str, bytes]:
         manifest["valid"].append(
             {"file": f"valid/{name}.qpk", "expected": f"valid/{name}.json", "description": text}
         )
-    for name, (blob, code, text) in invalid_vectors(valid["mini_unet_block"][0]).items():
+    for name, (blob, code, text, tensor) in invalid_vectors(valid["mini_unet_block"][0]).items():
         files[f"invalid/{name}.qpk"] = blob
-        manifest["invalid"].append(
-            {"file": f"invalid/{name}.qpk", "error": code, "description": text}
-        )
+        case = {"file": f"invalid/{name}.qpk", "error": code, "description": text}
+        if tensor is not None:
+            case["tensor"] = tensor
+        manifest["invalid"].append(case)
     files["manifest.json"] = _dump(manifest)
     return files
 
