@@ -7,16 +7,15 @@ stays cheap and a numpy-only loader never pulls it in.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import errors as E
-from .dtypes import as_items
-from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, BitsOption, SchemeOption, resolve
+from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, BitsOption, RoundingOption, SchemeOption
+from .planner import Planned, plan_items, plan_save
 from .reader import Reader, describe
-from .schemes import DEFAULT_SCHEME
 from .writer import write_file
 
 if TYPE_CHECKING:
@@ -24,47 +23,89 @@ if TYPE_CHECKING:
 
 
 def save(
-    state_dict: Mapping[str, Any],
+    obj: Mapping[str, Any] | torch.nn.Module,
     path: str | os.PathLike,
     *,
     bits: BitsOption = DEFAULT_BITS,
-    scheme: SchemeOption = DEFAULT_SCHEME,
+    max_size: int | None = None,
+    scheme: SchemeOption | None = None,
+    rounding: RoundingOption | None = None,
+    uniform: bool = False,
     entropy: bool = DEFAULT_ENTROPY,
+    calibration: Iterable[Any] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Quantize and write a state_dict (torch tensors or numpy arrays) to ``path``.
+    """Quantize and write a model or a state_dict (torch tensors or numpy arrays) to ``path``.
 
-    Floating tensors with two or more dimensions (conv and linear weights) are quantized to
-    ``bits`` bits with ``scheme``; the others (biases, integer buffers) are stored exactly.
-    ``bits`` may instead map tensor names to bits (``None`` keeps that tensor exact); names
-    not in the mapping follow the rule above at 8 bits. ``scheme`` may likewise map names
-    to schemes (others use the default). With ``entropy`` the codes of each
-    tensor are Huffman-coded where that is smaller than fixed-width packing (lossless; the
-    decoded weights are identical). The file is written atomically, tensor by tensor:
-    memory holds the state_dict plus a few encoded tensors.
+    Floating tensors with two or more dimensions (conv and linear weights) are quantized; the
+    others (biases, integer buffers) are stored exactly. ``bits=N`` asks for the accuracy of
+    N-bit quantization in the smallest file: qpack chooses each tensor's width and grid so
+    that no tensor's weight error exceeds that of N-bit round-to-nearest quantization with
+    one scale per output channel (standard per-layer int8 at 8 bits); given a model and
+    ``calibration`` inputs (an iterable of batches: tensors, tuples or dicts, called as
+    ``model(x)``, ``model(*x)``, ``model(**x)``), it is the model's output error on them
+    that is held, and codes are chosen by error-compensating rounding (GPTQ) wherever a
+    Linear or Conv layer's inputs are seen. ``max_size`` asks instead for the least error
+    within that many bytes. ``uniform=True`` (or ``entropy=False``) writes exactly ``bits``
+    bits everywhere with ``scheme``; ``bits`` may also map names to widths (``None`` keeps
+    a tensor exact; names it leaves out follow the rule above at 8 bits), and ``scheme``
+    and ``rounding`` (``"nearest"`` or ``"gptq"``) may map names too, as the plan that
+    :func:`qpack.allocate` returns does. With ``entropy`` codes are Huffman-coded where
+    that is smaller (lossless). The file is written atomically; ``path`` may exist and is
+    then replaced.
+
+    Example:
+        >>> qpack.save(model.state_dict(), "model.qpk", bits=4)
+        >>> qpack.save(model, "model.qpk", bits=4, calibration=[x[:64] for x in batches])
     """
-    _save(state_dict, path, bits=bits, scheme=scheme, entropy=entropy, metadata=metadata)
+    _save(
+        obj, path, bits=bits, max_size=max_size, scheme=scheme, rounding=rounding,
+        uniform=uniform, entropy=entropy, calibration=calibration, metadata=metadata,
+    )
 
 
 def _save(
-    state_dict, path, *, metadata=None, progress=None, rounder=None, write=None, **options
-) -> None:
-    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded;
-    ``rounder`` chooses codes where the plan asks for error-compensating rounding;
-    ``write`` passes ``overwrite``/``inputs`` on to :func:`qpack.atomic.write_atomic`."""
-    if not isinstance(state_dict, Mapping):
+    obj,
+    path,
+    *,
+    metadata=None,
+    progress=None,
+    note=None,
+    write=None,
+    postprocess=None,
+    planned=None,
+    **request,
+) -> Planned:
+    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded and
+    each planning phase to ``note``; ``write`` passes ``overwrite``/``inputs`` on to
+    :func:`qpack.atomic.write_atomic`; ``planned`` (a :class:`~qpack.planner.Planned`)
+    skips planning. Returns what was planned."""
+    model = None
+    if _is_module(obj):
+        model, obj = obj, obj.state_dict()
+    if not isinstance(obj, Mapping):
         raise E.EncodeError(
-            f"expected a mapping of names to tensors, got {type(state_dict).__name__}", path=path
+            f"expected a model or a mapping of names to tensors, got {type(obj).__name__}",
+            path=path,
         )
     try:
-        items = as_items(state_dict)
-        plan = resolve(items, **options)
-        write_file(path, items, plan, metadata, rounder=rounder, progress=progress,
+        if planned is None:
+            planned = plan_save(obj, model=model, postprocess=postprocess, progress=note,
+                                **request)
+        items, plan, planned = plan_items(obj, planned, entropy=request.get("entropy", True))
+        write_file(path, items, plan, metadata, rounder=planned.rounder, progress=progress,
                    **(write or {}))
     except E.QpackError as exc:
         if exc.path is None:
             raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None
         raise
+    return planned
+
+
+def _is_module(obj: Any) -> bool:
+    return type(obj).__module__ != "builtins" and hasattr(obj, "state_dict") and hasattr(
+        obj, "named_parameters"
+    )
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -1,21 +1,25 @@
-"""Choosing bits per tensor: the smallest file at a quality, or the best quality in a size.
+"""Choosing each tensor's width and grid: the smallest file at a quality, or the best quality
+in a size.
 
-This is writer-side policy, not part of the format: it returns ``bits`` and ``scheme``
-mappings for :func:`qpack.save`. Each quantizable tensor gets a width from a grid of whole
-and half bits (fractional widths mean ``round(2**bits)`` levels, which Huffman coding stores
-in about ``log2(levels)`` bits per weight) and a grid, one step per tensor or per channel.
-For every tensor and option it measures the exact encoded size and the distortion that
-quantizing *only that tensor* causes, and builds the Lagrangian path of
-(size + lambda * distortion) optima over all tensors, treating distortions as additive. To
-keep model evaluations few, a tensor's distortion is modelled as its exact squared weight
-error times its sensitivity, measured with the model at three anchor widths; the final
-choice is then checked (and corrected) with a few joint evaluations.
+This is writer-side policy, not part of the format: it returns the plan that
+:func:`qpack.save` takes (``bits``, ``scheme`` and ``rounding`` mappings). Each quantizable
+tensor gets a width from a grid of whole and half bits (fractional widths mean
+``round(2**bits)`` levels, which Huffman coding stores in about ``log2(levels)`` bits per
+weight) and a grid, one step per tensor or per channel. For every tensor and option it
+measures the encoded size and a predicted distortion of quantizing *only that tensor*, and
+builds the Lagrangian path of (size + lambda * distortion) optima, treating distortions as
+additive. The distortion is predicted as follows:
 
-Distortion comes from ``evaluate``: a callable that takes ``{name: dequantized array}`` for
-some tensors (the others keep their float values) and returns a number that adds up across
-tensors, such as the mean squared difference of the model's output probabilities on
-calibration inputs (see :func:`qpack.demo.unet.make_evaluator`). Without it, the relative weight
-error of each tensor is used.
+- a layer with input statistics and output sensitivities (a Linear or Conv the calibration
+  reached; :mod:`qpack.calibrate`, :mod:`qpack.sensitivity`): the model output error its
+  weight change makes, in closed form, with the gain of error-compensating rounding over
+  round-to-nearest measured on one width per grid; no forward pass;
+- another tensor, with a model: its squared weight error times its sensitivity, measured
+  with the model at three anchor widths;
+- without a model: its relative squared weight error.
+
+With a model the plan is then checked against the model's real output error on the
+calibration inputs (``evaluate``) and corrected, a few forward passes in all.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ._threads import ordered_map
 from .container import ALIGNMENT
 from .dtypes import as_items, bf16_to_f32
 from .plan import DEFAULT_BITS, TensorPlan, default_bits, resolve
-from .quantize import quantize_tensor
+from .quantize import gptq_rounder, quantize_tensor
 from .schemes import levels_for
 from .writer import encode_chunks, quantized_entry
 
@@ -41,21 +45,25 @@ __all__ = ["allocate", "Allocator", "GRID", "OPTION_SCHEMES", "parse_size"]
 
 # Candidate widths; fractional ones are round(2**bits) levels.
 GRID = tuple(float(b) for b in np.arange(2.0, 8.01, 0.5))
-# Widths at which a model evaluator is run to measure each tensor's sensitivity (output
+# Widths at which a model evaluator is run to measure a tensor's sensitivity (output
 # distortion per unit of squared weight error); in between it is interpolated log-linearly.
 ANCHORS = (2.0, 4.0, 6.0)
+# Width at which the gain of error-compensating rounding over round-to-nearest is measured
+# (per grid); the gain barely changes with the width, and each measurement is a GPTQ run.
+GAIN_WIDTH = 4.0
+# Candidates a size query chooses among: this many points of the Lagrangian path, spread
+# evenly in log size, besides every plan a width query returned.
+SIZE_CANDIDATES = 24
 
 Evaluate = Callable[[Mapping[str, np.ndarray]], float]
 
-
 # Grids the allocator chooses between for each tensor. With entropy coding one step for the
-# whole tensor usually costs fewer bits for the same error (measured on the UNet: per-layer
-# 8-bit codes Huffman-code to 409 kB, per-channel ones to 537 kB); per-channel scales win
-# at low widths, where a few wide channels would otherwise waste the levels.
+# whole tensor often costs fewer bits for the same error; per-channel scales win at low
+# widths, where a few wide channels would otherwise waste the levels.
 OPTION_SCHEMES = ("asymmetric-per-layer", "asymmetric-per-channel")
-# Reference of "the quality of N bits": qpack's fixed-width per-channel N-bit quantization.
-# At 8 bits no tensor can get a finer grid than that reference, so nothing could be saved;
-# there the reference is standard per-layer int8 (the origin's quantizer) instead.
+# Reference of "the quality of N bits": N-bit round-to-nearest quantization with one scale
+# per output channel. At 8 bits no tensor can get a finer grid than that reference, so
+# nothing could be saved; there the reference is standard per-layer int8 instead.
 REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
 
@@ -67,7 +75,8 @@ class _Choices:
     name: str
     options: list[Option]  # candidate (width, scheme) pairs
     size: np.ndarray  # bytes each option costs (payload + header entry + alignment)
-    distortion: np.ndarray  # distortion when only this tensor is quantized that way
+    distortion: np.ndarray  # predicted distortion when only this tensor is quantized so
+    error: np.ndarray  # squared weight error of each option (round to nearest)
 
 
 def allocate(
@@ -80,16 +89,23 @@ def allocate(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Choose a width and a scheme for every quantizable tensor; returns
-    ``{"bits": {...}, "scheme": {...}}`` to pass on: ``qpack.save(sd, path, **plan)``.
+    ``{"bits": {...}, "scheme": {...}, "rounding": {...}}`` to pass on:
+    ``qpack.save(sd, path, **plan)``.
 
     Give exactly one of:
 
-    - ``bits=N``: the smallest file at least as accurate as fixed-width N-bit per-channel
-      quantization (at N = 8, as standard per-layer int8: see REFERENCE_SCHEME);
+    - ``bits=N``: the smallest file at least as accurate as N-bit per-channel round-to-nearest
+      quantization (at N = 8, standard per-layer int8): every tensor's own weight error, or
+      with ``evaluate`` the model's;
     - ``max_size=BYTES``: the least distortion whose file fits in ``BYTES``.
 
     Tensors that are not quantized (biases, integer buffers) map to ``None`` (kept exact).
-    To choose several plans for one model, build an :class:`Allocator` once instead.
+    To choose several plans for one model, build an :class:`Allocator` once instead; for a
+    model with calibration inputs, pass the model to :func:`qpack.save`.
+
+    Example:
+        >>> plan = qpack.allocate(state_dict, bits=4)
+        >>> qpack.save(state_dict, "model.qpk", **plan)
     """
     if (bits is None) == (max_size is None):
         raise E.EncodeError("give exactly one of bits= and max_size=")
@@ -99,13 +115,19 @@ def allocate(
 
 class Allocator:
     """Measures every tensor's size and distortion for every option once; then answers
-    :meth:`for_bits` and :meth:`for_size` queries from those measurements."""
+    :meth:`for_bits` and :meth:`for_size` queries from those measurements.
+
+    ``stats`` (layer input statistics) and ``sensitivity`` (per-channel output weights)
+    let a layer's distortion be predicted in closed form, and make its codes
+    error-compensating; ``evaluate`` is the model's real distortion."""
 
     def __init__(
         self,
         state_dict: Mapping[str, Any],
         *,
         evaluate: Evaluate | None = None,
+        stats: Mapping[str, Any] | None = None,
+        sensitivity: Mapping[str, np.ndarray] | None = None,
         schemes: tuple[str, ...] = OPTION_SCHEMES,
         progress: Callable[[str], None] | None = None,
     ):
@@ -113,75 +135,184 @@ class Allocator:
         self._targets = [t for t in self._items if default_bits(t[1], t[2], DEFAULT_BITS)]
         self._weight_error = evaluate is None
         self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
+        names = {name for name, _, _ in self._targets}
+        # layer statistics: error-compensating rounding, and layer errors in closed form
+        self.stats = {k: v for k, v in (stats or {}).items() if k in names}
+        self.rounder = gptq_rounder(self.stats, cache={}) if self.stats else None
+        sensitivity = sensitivity or {}
         options = [(b, s) for s in schemes for b in GRID]
         if progress:
             progress(f"measuring {len(self._targets)} tensors, {len(options)} options each")
-        # Tensors are measured on threads when only weight error is needed; a model
-        # evaluator runs torch, which already uses every core.
+
+        def measure(target) -> _Choices:
+            name = target[0]
+            if name in self.stats and name in sensitivity:
+                layer = self.stats[name], sensitivity[name]
+                return _predict(target, options, *layer, self.rounder)
+            return _measure(target, options, evaluate)
+
+        # Tensors are measured on threads when no model runs; a model evaluator runs torch,
+        # which already uses every core.
         self._choices = list(
-            ordered_map(
-                lambda t: _measure(t, options, evaluate),
-                self._targets,
-                None if evaluate is None else 1,
-            )
+            ordered_map(measure, self._targets, 1 if evaluate is not None else None)
         )
         self._hull = _hull(self._choices)
+        self._joints: dict[tuple, float] = {}
+        self._sizes: dict[tuple, int] = {}
+        self._answers: list[dict[str, Option]] = []  # plans for_bits returned
 
-    def _joint(self, chosen: Mapping[str, Option]) -> float:
-        decoded = {}
-        for name, array, dtype in self._targets:
-            q = quantize_tensor(name, array, dtype, TensorPlan(*chosen[name]))
-            decoded[name] = q.values().reshape(array.shape)
-        return self._measure(decoded)
+    def rounding(self, name: str) -> str:
+        """How this allocator's plans round a tensor's codes."""
+        return "gptq" if name in self.stats else "nearest"
 
-    def _file_size(self, chosen: Mapping[str, Option]) -> int:
-        plan = self._plan(chosen)
-        chunks = encode_chunks(self._items, resolve(self._items, entropy=True, **plan))
-        return sum(len(c) for c in chunks)
+    def joint(self, chosen: Mapping[str, Option], plain: bool = False) -> float:
+        """The distortion with every target quantized as chosen: the model's, or the sum of
+        relative weight errors; with plain round-to-nearest codes if ``plain`` (a
+        reference's). Memoized."""
+        key = (plain, *(chosen[n] for n, _, _ in self._targets))
+        if key not in self._joints:
+            decoded = {}
+            for name, array, dtype in self._targets:
+                rounding = "nearest" if plain else self.rounding(name)
+                tp = TensorPlan(*chosen[name], rounding)
+                q = quantize_tensor(name, array, dtype, tp, self.rounder)
+                decoded[name] = q.values().reshape(array.shape)
+            self._joints[key] = self._measure(decoded)
+        return self._joints[key]
+
+    def file_size(self, chosen: Mapping[str, Option]) -> int:
+        """The bytes of the file this choice makes (memoized)."""
+        key = tuple(chosen[n] for n, _, _ in self._targets)
+        if key not in self._sizes:
+            plan = resolve(self._items, entropy=True, **self._plan(chosen))
+            chunks = encode_chunks(self._items, plan, rounder=self.rounder)
+            self._sizes[key] = sum(len(c) for c in chunks)
+        return self._sizes[key]
 
     def _plan(self, chosen: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
         return {
             "bits": {n: chosen[n][0] if n in chosen else None for n, _, _ in self._items},
             "scheme": {n: s for n, (_, s) in chosen.items()},
+            "rounding": {n: self.rounding(n) for n in chosen},
         }
 
     def for_bits(self, bits: float) -> dict[str, dict[str, Any]]:
-        """The smallest plan at least as accurate as the N-bit reference."""
+        """The smallest plan at least as accurate as the N-bit reference: without a model,
+        every tensor's weight error is at most its reference's (dominance, so no tensor
+        gets coarser than the reference); with one, the model's output error is."""
         levels_for(bits)  # validates
-        reference = {name: _reference(bits) for name, _, _ in self._targets}
-        if not reference:
-            return self._plan({})
-        joint = None if self._weight_error else self._joint
-        chosen = _within_target(self._hull, self._joint(reference), joint)
-        return self._plan(chosen if chosen is not None else reference)
-
-    def for_size(self, max_size: int) -> dict[str, dict[str, Any]]:
-        """The least-distortion plan whose file is at most ``max_size`` bytes."""
         if not self._targets:
             return self._plan({})
-        joint = None if self._weight_error else self._joint
-        return self._plan(_within_budget(self._hull, int(max_size), self._file_size, joint))
+        if self._weight_error:
+            chosen = self._dominant(bits)
+        else:
+            reference = {name: _reference(bits) for name, _, _ in self._targets}
+            target = self.joint(reference, plain=True)
+            chosen = self._smallest_within(target)
+            if chosen is None:  # the reference's own widths, with better codes
+                chosen = reference
+        self._answers.append(chosen)
+        return self._plan(chosen)
+
+    def _dominant(self, bits: float) -> dict[str, Option]:
+        """Per tensor, the smallest option whose squared weight error is at most that of
+        the reference; the reference itself where no option is as accurate."""
+        chosen = {}
+        for target, choice in zip(self._targets, self._choices, strict=True):
+            option = _reference(bits)
+            limit = _squared_error(target, option) * (1 + 1e-9)
+            fits = [i for i, e in enumerate(choice.error) if e <= limit]
+            if fits:
+                option = choice.options[min(fits, key=lambda i: (choice.size[i], i))]
+            chosen[target[0]] = option
+        return chosen
+
+    def _smallest_within(self, target: float) -> dict[str, Option] | None:
+        """The smallest point of the path whose real distortion is at most ``target``:
+        start where the prediction says, then gallop and bisect on real evaluations (the
+        real distortion falls along the path, give or take noise)."""
+        hull = self._hull
+        ok = {}
+
+        def passes(i: int) -> bool:
+            if i not in ok:
+                ok[i] = self.joint(hull[i][2]) <= target
+            return ok[i]
+
+        start = next((i for i, p in enumerate(hull) if p[1] <= target), len(hull) - 1)
+        if passes(start):
+            good, step = start, 1
+            while good - step >= 0 and passes(good - step):
+                good, step = good - step, step * 2
+            bad = max(good - step, -1)
+        else:
+            bad, step = start, 1
+            while bad + step < len(hull) and not passes(bad + step):
+                bad, step = bad + step, step * 2
+            if bad + step >= len(hull):
+                if not passes(len(hull) - 1):
+                    return None
+                step = len(hull) - 1 - bad
+            good = bad + step
+        while good - bad > 1:  # passes(good), not passes(bad) (or bad = -1)
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if passes(mid) else (good, mid)
+        return hull[good][2]
+
+    def for_size(self, max_size: int) -> dict[str, dict[str, Any]]:
+        """The least-distortion plan whose file is at most ``max_size`` bytes, among a
+        fixed set of candidates (points spread along the path, and every plan
+        :meth:`for_bits` returned), each measured by its real file size and distortion:
+        so no candidate that fits is more accurate, and more room never costs accuracy."""
+        if not self._targets:
+            return self._plan({})
+        fitting = [c for c in self.candidates() if self.file_size(c) <= max_size]
+        if not fitting:
+            smallest = min(map(self.file_size, [self._hull[0][2], *self._answers]))
+            raise E.EncodeError(
+                f"cannot fit in {max_size:,} bytes: the smallest file qpack can make of this "
+                f"state_dict is {smallest:,} bytes"
+            )
+        best = min(fitting, key=lambda c: (self.joint(c), self.file_size(c)))
+        return self._plan(best)
+
+    def candidates(self) -> list[dict[str, Option]]:
+        """The plans :meth:`for_size` chooses among."""
+        hull = self._hull
+        sizes = np.log([max(p[0], 1.0) for p in hull])
+        marks = np.linspace(sizes[0], sizes[-1], SIZE_CANDIDATES)
+        picked = sorted({int(np.searchsorted(sizes, m)) for m in marks} | {len(hull) - 1})
+        return [hull[min(i, len(hull) - 1)][2] for i in picked] + list(self._answers)
 
 
 def _reference(bits: float) -> Option:
     return (float(bits), TOP_REFERENCE_SCHEME if bits >= 8 else REFERENCE_SCHEME)
 
 
+def _option_size(name: str, array: np.ndarray, dtype: str, q, scheme: str) -> int:
+    """A quantized tensor's bytes in a file: payload, header entry, alignment on average."""
+    entry, _ = quantized_entry(name, array.shape, dtype, q, scheme, True)
+    overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
+    return entry.length + overhead
+
+
+def _float64(array: np.ndarray, dtype: str) -> np.ndarray:
+    return (bf16_to_f32(array) if dtype == "bfloat16" else array).astype(np.float64)
+
+
 def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choices:
-    """Exact sizes and squared weight errors of every option; with a model evaluator,
-    distortion = squared error x the tensor's sensitivity, measured at the ANCHORS (with the
-    per-channel grid) and interpolated log-linearly in between."""
+    """Exact sizes and squared weight errors of every option (round to nearest); with a
+    model evaluator, distortion = squared error x the tensor's sensitivity, measured at the
+    ANCHORS (with the per-channel grid) and interpolated log-linearly in between."""
     name, array, dtype = target
-    reference = (bf16_to_f32(array) if dtype == "bfloat16" else array).astype(np.float64)
+    reference = _float64(array, dtype)
     schemes = {s for _, s in options}
     anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
     anchors = {(b, anchor_scheme) for b in ANCHORS}
     sizes, errors, decoded = [], [], {}  # decoded: only what the evaluator will need
     for option in options:
         q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-        entry, _ = quantized_entry(name, array.shape, dtype, q, option[1], True)
-        overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
-        sizes.append(entry.length + overhead)
+        sizes.append(_option_size(name, array, dtype, q, option[1]))
         values = q.values().reshape(array.shape)
         errors.append(float(((values - reference) ** 2).sum()))
         if evaluate is not None and option in anchors:
@@ -198,15 +329,53 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
             for b in ANCHORS
         ]
         sensitivity = np.exp(np.interp(widths, ANCHORS, np.log(measured)))
-    return _Choices(name, list(options), np.array(sizes), errors * sensitivity)
+    return _Choices(name, list(options), np.array(sizes), errors * sensitivity, errors)
+
+
+def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder) -> _Choices:
+    """Sizes and predicted model output errors of every option of a layer with input
+    statistics and per-channel output sensitivities, without running the model: round to
+    nearest for every option, then error-compensating rounding at GAIN_WIDTH on each grid
+    to scale that grid's errors and sizes by what it gains."""
+    from .gptq import row_output_errors
+
+    name, array, dtype = target
+    reference = _float64(array, dtype)
+
+    def predicted(values: np.ndarray) -> float:
+        rows = row_output_errors(values - reference, stats.hessian)
+        return float(weights @ rows)
+
+    sizes, errors, predictions = [], [], []
+    for option in options:
+        q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        sizes.append(_option_size(name, array, dtype, q, option[1]))
+        values = q.values().reshape(array.shape)
+        errors.append(float(((values - reference) ** 2).sum()))
+        predictions.append(predicted(values))
+    sizes, predictions = np.array(sizes, dtype=np.float64), np.array(predictions)
+    for scheme in {s for _, s in options}:
+        mine = [i for i, (_, s) in enumerate(options) if s == scheme]
+        at = min(mine, key=lambda i: (abs(options[i][0] - GAIN_WIDTH), i))
+        q = quantize_tensor(name, array, dtype, TensorPlan(*options[at], "gptq"), rounder)
+        gain = predicted(q.values().reshape(array.shape)) / max(predictions[at], 1e-30)
+        grow = _option_size(name, array, dtype, q, scheme) / sizes[at]
+        predictions[mine] *= min(gain, 1.0)
+        sizes[mine] *= grow
+    errors = np.maximum(np.array(errors), 1e-30)
+    return _Choices(name, list(options), np.rint(sizes), np.maximum(predictions, 1e-30), errors)
+
+
+def _squared_error(target, option: Option) -> float:
+    """Squared weight error of one tensor quantized with one option (round to nearest)."""
+    name, array, dtype = target
+    q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+    return float(((q.values().reshape(array.shape) - _float64(array, dtype)) ** 2).sum())
 
 
 def _weight_distortion(targets) -> Evaluate:
     """Relative squared weight error of each replaced tensor, summed (no model)."""
-    reference = {
-        name: (bf16_to_f32(a) if d == "bfloat16" else a).astype(np.float64)
-        for name, a, d in targets
-    }
+    reference = {name: _float64(a, d) for name, a, d in targets}
 
     def measure(replaced: Mapping[str, np.ndarray]) -> float:
         total = 0.0
@@ -242,53 +411,6 @@ def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, Option]
             seen.add(key)
             path.append((*_totals(choices, chosen), chosen))
     return sorted(path, key=lambda p: p[0])
-
-
-def _within_target(hull, target: float, joint) -> dict[str, Option] | None:
-    """The smallest allocation whose distortion is at most ``target``.
-
-    Without a model the additive estimate is exact. With one, additivity is approximate
-    (heavily quantized layers compound; at moderate rates the sum overestimates), so a few
-    additive targets around the real one are tried, smallest file first, until a joint
-    evaluation confirms one: a handful of forward passes.
-    """
-    factors = (1.0,) if joint is None else (2.0, 1.4, 1.0, 0.7, 0.5, 0.35, 0.25, 0.18)
-    tried = set()
-    for factor in factors:
-        point = next((p for p in hull if p[1] <= target * factor), None)
-        if point is None:
-            continue
-        key = tuple(point[2].values())
-        if key in tried:
-            continue
-        tried.add(key)
-        if joint is None or joint(point[2]) <= target:
-            return point[2]
-    return None
-
-
-def _within_budget(hull, budget: int, file_size, joint) -> dict[str, Option]:
-    """The least distortion whose whole file is at most ``budget`` bytes."""
-    # what the tensors' own entries do not account for (raw tensors, the header's fixed
-    # part), measured once at the smallest point of the hull
-    fixed_cost = file_size(hull[0][2]) - hull[0][0]
-    room = budget - fixed_cost
-    for _ in range(8):
-        fitting = [p for p in hull if p[0] <= room]
-        if not fitting:
-            break
-        if joint is None:
-            chosen = min(fitting, key=lambda p: p[1])[2]
-        else:  # the best by real evaluation among the largest few that fit
-            chosen = min(fitting[-6:], key=lambda p: joint(p[2]))[2]
-        over = file_size(chosen) - budget
-        if over <= 0:
-            return chosen
-        room -= over
-    raise E.EncodeError(
-        f"cannot fit in {budget:,} bytes: the smallest file qpack can make of this "
-        f"state_dict is {file_size(hull[0][2]):,} bytes"
-    )
 
 
 def parse_size(text: str) -> int:

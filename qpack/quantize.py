@@ -9,7 +9,8 @@ model's inputs that this stage does not have.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from .dtypes import bf16_to_f32
 from .plan import TensorPlan
 from .schemes import Quantized, decodes_finite, levels_for, quantize
 
-__all__ = ["Rounder", "float_values", "quantize_tensor"]
+__all__ = ["Rounder", "float_values", "gptq_rounder", "quantize_tensor"]
 
 # (name, float32 values, grid from the scheme, levels) -> codes on that grid (each below
 # levels), or None to keep the round-to-nearest codes (a tensor it has no statistics for).
@@ -70,3 +71,28 @@ def quantize_tensor(
         if codes is not None:
             q = Quantized(codes, q.scale, q.zero_point, q.granularity, q.bits)
     return q
+
+
+def gptq_rounder(stats: Mapping[str, Any], cache: dict | None = None) -> Rounder:
+    """A :data:`Rounder` choosing error-compensating codes (:mod:`qpack.gptq`) for the
+    tensors that have layer statistics (:mod:`qpack.calibrate`), none for the others.
+    With ``cache`` (a dict), codes are kept per tensor and grid, so a plan that is tried,
+    measured and then written runs each tensor's rounding once."""
+    from .gptq import gptq_codes
+
+    def round_codes(name: str, values: np.ndarray, q: Quantized, levels: int):
+        layer = stats.get(name)
+        if layer is None:
+            return None
+        key = (name, levels, q.granularity, q.scale.tobytes(), q.zero_point.tobytes())
+        if cache is not None and key in cache:
+            return cache[key]
+        codes = gptq_codes(
+            values, layer.hessian, q.scale, q.zero_point, levels, granularity=q.granularity
+        )
+        if cache is not None:
+            codes.flags.writeable = False  # shared by every plan that uses this grid
+            cache[key] = codes
+        return codes
+
+    return round_codes

@@ -25,16 +25,15 @@ from ._zlib import crc32
 from .atomic import CHUNK, write_atomic
 from .bitpack import pack_codes, packed_size
 from .container import TensorEntry, align, build_header, layout
-from .dtypes import NUMPY_DTYPES, dtype_name
+from .dtypes import NUMPY_DTYPES
 from .entropy import best_group, encode_symbols, index_chunk
-from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, Item, Plan, TensorPlan, resolve
+from .plan import Item, Plan, TensorPlan
 from .quantize import Rounder, quantize_tensor
-from .schemes import DEFAULT_SCHEME, Quantized
+from .schemes import Quantized
 
 __all__ = [
     "SPOOL_MEMORY",
     "SpoolRange",
-    "encode",
     "encode_chunks",
     "encode_tensor",
     "quantized_entry",
@@ -281,25 +280,3 @@ class SpoolRange:
                 raise OSError(f"spool file ended {left} bytes early")
             out.write(chunk)
             left -= len(chunk)
-
-
-def encode(
-    arrays: Mapping[str, np.ndarray],
-    *,
-    bits=DEFAULT_BITS,
-    scheme=DEFAULT_SCHEME,
-    entropy: bool = DEFAULT_ENTROPY,
-    metadata: Mapping[str, str] | None = None,
-) -> bytes:
-    """Encode a mapping of numpy arrays to the bytes of a .qpk file (no torch needed);
-    the options are those of :func:`qpack.save`.
-
-    Example:
-        >>> blob = qpack.encode({"w": np.ones((4, 4), np.float32)}, bits=4)
-        >>> qpack.decode(blob)["w"].shape
-        (4, 4)
-    """
-    items = [(name, np.asarray(a), dtype_name(np.asarray(a))) for name, a in arrays.items()]
-    plan = resolve(items, bits=bits, scheme=scheme, entropy=entropy)
-    chunks = encode_chunks(items, plan, metadata)
-    return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)

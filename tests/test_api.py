@@ -281,7 +281,7 @@ def test_scheme_choice_is_recorded(tmp_path):
         assert row["scheme"] == scheme
         assert row["granularity"] == ("tensor" if scheme == SYM else "channel")
         assert len(row["scale"]) == (1 if scheme == SYM else 6)
-    qpack.save({"w": w}, tmp_path / "d.qpk", bits=4)
+    qpack.save({"w": w}, tmp_path / "d.qpk", bits=4, uniform=True)
     assert qpack.inspect(tmp_path / "d.qpk")["tensors"][0]["scheme"] == qpack.DEFAULT_SCHEME
 
 

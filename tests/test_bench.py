@@ -119,7 +119,8 @@ def test_device_rows_on_the_cpu(tmp_path):
     files = {}
     for bits, storage in ((4, "packed"), (3, "entropy")):
         files[(bits, storage)] = tmp_path / f"{bits}-{storage}.qpk"
-        qpack.save(state, files[(bits, storage)], bits=bits, entropy=storage == "entropy")
+        entropy = storage == "entropy"
+        qpack.save(state, files[(bits, storage)], bits=bits, uniform=True, entropy=entropy)
     bench.bench_cuda(res, state, files, tmp_path, name="cpu")
     res.measure()
     res.finish()

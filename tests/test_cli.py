@@ -118,7 +118,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "corrupt_header": d / "corrupt_header.qpk",
     }
     torch.save(sd, f["ckpt"])
-    qpack.save(sd, f["qpk"], bits=8)
+    qpack.save(sd, f["qpk"], bits=8, uniform=True)
     torch.save([1, 2, 3], f["list"])
     torch.save(42, f["int"])
     f["text"].write_text("these are not the weights you are looking for\n")

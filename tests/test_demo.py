@@ -163,4 +163,4 @@ def test_rows_embedded_model():
         origin, ours = by_name[f"origin {b}-bit"], by_name[f"qpack {b}-bit"]
         assert ours["mean_abs_dp"] <= origin["mean_abs_dp"]
     assert abs(by_name["qpack 8-bit"]["dice"] - float_row["dice"]) < 0.005
-    assert abs(by_name["qpack 3-bit"]["dice"] - float_row["dice"]) < 0.02
+    assert abs(by_name["qpack 3-bit"]["dice"] - float_row["dice"]) < 0.05

@@ -25,10 +25,11 @@ from qpack.container import TensorEntry
 from qpack.decoder import decode_payload
 from qpack.device import _unpack, decode_on_device
 from qpack.dtypes import dtype_name
+from qpack.numpy import encode
 from qpack.plan import resolve
 from qpack.reader import Reader
 from qpack.schemes import SCHEMES
-from qpack.writer import encode, encode_chunks
+from qpack.writer import encode_chunks
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "spec" / "vectors"

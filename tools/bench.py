@@ -13,9 +13,9 @@ is run once to warm up; then ``--repeat`` rounds each time every measurement onc
 compared in a ratio are thus taken seconds apart, in every round, rather than minutes
 apart: on a shared machine, memory bandwidth and clock drift that much. The measurements:
 
-- ``qpack.save(sd, path, bits=b, entropy=e)`` and ``qpack.load(path)`` for b in 8, 4, 3 and
-  e in False ("packed", fixed-width codes) and True ("entropy", Huffman-coded), default
-  scheme, with the file size;
+- ``qpack.save(sd, path, bits=b, uniform=True, entropy=e)`` and ``qpack.load(path)`` for b
+  in 8, 4, 3 and e in False ("packed", fixed-width codes) and True ("entropy",
+  Huffman-coded), default scheme, with the file size;
 - gguf-py (``gguf.quants``, numpy) quantize and dequantize of Q8_0 and Q4_0 on the tensors
   qpack quantizes (floating, 2+ dimensions) viewed as (out, in*kh*kw) rows, or flattened and
   zero-padded to a multiple of 32 where the row length is not one; gguf-py cannot quantize
@@ -481,7 +481,7 @@ def bench_qpack(res: Results, state: dict[str, torch.Tensor], tmp: Path) -> dict
                 bits,
                 storage,
                 lambda path=path, bits=bits, entropy=entropy: qpack.save(
-                    state, path, bits=bits, entropy=entropy
+                    state, path, bits=bits, uniform=True, entropy=entropy
                 ),
             )
             size = path.stat().st_size

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         files = {}
         for bits, entropy in ((8, False), (4, False), (4, True)):
             path = Path(tmp) / f"{bits}-{'huffman' if entropy else 'packed'}.qpk"
-            qpack.save(state, path, bits=bits, entropy=entropy)
+            qpack.save(state, path, bits=bits, uniform=True, entropy=entropy)
             files[path.stem] = path
         del state
         gc.collect()

@@ -370,7 +370,7 @@ def allocate_plan(state: Mapping[str, torch.Tensor], evaluate, **request: Any) -
     fixed_scheme = "scheme" in signature(qpack.allocate).parameters
     extra = {"scheme": QPACK_SCHEME} if fixed_scheme else {}
     plan = qpack.allocate(state, evaluate=evaluate, **extra, **request)
-    if set(plan) == {"bits", "scheme"} and isinstance(plan["bits"], Mapping):
+    if {"bits", "scheme"} <= set(plan) and isinstance(plan["bits"], Mapping):
         return dict(plan)
     return {"bits": dict(plan), "scheme": QPACK_SCHEME}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors as E
+from ..atomic import check_output
 from ..checkpoint import read_checkpoint
 from ..dtypes import is_tensor
 from ..schemes import DEFAULT_SCHEME, SCHEMES
@@ -51,9 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--scheme",
         choices=list(SCHEMES),
         default=None,
-        help="quantization scheme (default: the best of asymmetric-per-layer and "
-        f"asymmetric-per-channel for each tensor; with --uniform or --no-entropy, "
-        f"{DEFAULT_SCHEME})",
+        help="quantize every tensor with this scheme at exactly --bits (as --uniform does, "
+        f"with {DEFAULT_SCHEME}); by default qpack chooses each tensor's width and grid",
     )
     p.add_argument(
         "--metadata",
@@ -85,10 +85,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(145000, 145k, 1.5M, 64KiB); replaces --bits",
     )
     p.add_argument(
+        "--model",
+        metavar="MODULE:CALLABLE",
+        help="build the model (an importable module or a FILE.py, and a class or function "
+        "returning the nn.Module), so widths are chosen by its output error and codes by "
+        "error-compensating rounding; a UNet checkpoint of qpack's demo needs none",
+    )
+    p.add_argument(
+        "--model-args", metavar="JSON", help="keyword arguments for --model, a JSON object"
+    )
+    p.add_argument(
         "--calibration",
-        metavar="FILE.npy",
-        help="inputs [N, 1, 36, 36] to measure each layer's effect on the UNet's output "
-        "(default: synthetic patches); only for UNet checkpoints",
+        metavar="FILE",
+        help="inputs to run the model on (.npy, .npz or .pt: one batch of examples along "
+        "the first dimension, or a list of batches); default for the demo UNet: "
+        "synthetic patches",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=["nearest", "gptq"],
+        default=None,
+        help="how codes are chosen on each grid (default: error-compensating 'gptq' "
+        "wherever the model's calibration reaches a layer, else 'nearest')",
     )
     p.set_defaults(func=run)
 
@@ -113,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import _save
 
     output_format(args.output, NOT_QPK, "qpk", "pack")
+    check_output(args.output, **write_options(args))
     ckpt = read_checkpoint(args.input)
     state = ckpt.state_dict
     metadata = {"source": Path(args.input).name}
@@ -121,110 +140,110 @@ def run(args: argparse.Namespace) -> int:
     if ckpt.stripped is not None:
         metadata["source_prefix"] = ckpt.stripped
     metadata.update(dict(args.metadata))
+    request = _request(args)
+    note = _note(sys.stderr)
     try:
-        options, how = _choose(state, args)
+        request.update(_model(state, args))
     except E.QpackError as exc:
         if exc.path is not None:
             raise
         raise type(exc)(exc.reason, path=args.input, tensor=exc.tensor) from None
     params = sum(int(v.numel()) for v in state.values() if is_tensor(v))
     with progress_bar(params, "packing") as progress:
-        _save(state, args.output, entropy=args.entropy, metadata=metadata, progress=progress,
-              write=write_options(args), **options)
-
+        try:
+            planned = _save(
+                request.pop("model", None) or state,
+                args.output,
+                metadata=metadata,
+                progress=progress,
+                note=note,
+                write=write_options(args),
+                **request,
+            )
+        except E.EncodeError as exc:  # about the input's tensors: name the input
+            raise type(exc)(exc.reason, path=args.input, tensor=exc.tensor) from None
     size = file_size(args.output)
     float32_bytes = 4 * params
     ratio = float32_bytes / size if size else 0.0
     found = ckpt.describe()
     print(
         f"packed {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters"
-        f"{' (' + found + ')' if found else ''}, {size:,} bytes ({how}), "
+        f"{' (' + found + ')' if found else ''}, {size:,} bytes ({planned.summary}), "
         f"{ratio:.2f}x smaller than float32 ({float32_bytes:,} bytes)"
     )
     return 0
 
 
-def _choose(state: Mapping[str, Any], args: argparse.Namespace) -> tuple[dict, str]:
-    """save()'s ``bits`` and ``scheme`` options, and a few words saying how they were chosen."""
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """save()'s options from the command line."""
     if args.max_size is not None and not args.entropy:
         raise UsageError("--max-size needs entropy coding (drop --no-entropy)")
-    per_tensor = args.max_size is not None or (args.entropy and not args.uniform)
-    if args.calibration is not None and not per_tensor:
-        raise UsageError("--calibration only applies when widths are chosen per tensor")
-    if not per_tensor:
-        scheme = args.scheme or DEFAULT_SCHEME
-        kind = "Huffman-coded" if args.entropy else "fixed-width"
-        return {"bits": args.bits, "scheme": scheme}, f"{args.bits}-bit {kind}, {scheme}"
-    from ..budget import OPTION_SCHEMES, allocate
-
-    evaluate, basis = _evaluator(state, args.calibration)
-
-    def progress(message: str) -> None:
-        if sys.stderr.isatty():
-            print(f"qpack: {message}", file=sys.stderr)
-
-    goal = dict(max_size=args.max_size) if args.max_size is not None else dict(bits=args.bits)
-    plan = allocate(
-        state,
-        **goal,
-        evaluate=evaluate,
-        schemes=(args.scheme,) if args.scheme else OPTION_SCHEMES,
-        progress=progress,
-    )
-    widths = [b for b in plan["bits"].values() if b is not None]
-    span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no weights"
-    used = ", ".join(sorted(set(plan["scheme"].values())))
-    target = (
-        f"at most {args.max_size:,} bytes"
-        if args.max_size is not None
-        else f"accuracy of {args.bits}-bit"
-    )
-    return plan, f"{target}: {span} ({used}), chosen by {basis}"
+    if args.max_size is not None and (args.uniform or args.scheme):
+        raise UsageError("--max-size chooses widths and grids: drop --uniform and --scheme")
+    return {
+        "bits": args.bits,
+        "max_size": args.max_size,
+        "scheme": args.scheme,
+        "rounding": args.rounding,
+        "uniform": args.uniform,
+        "entropy": args.entropy,
+    }
 
 
-def _evaluator(state: Mapping[str, Any], calibration: str | None):
-    """A model-output distortion for UNet checkpoints, else None (weight error)."""
-    from ..demo.unet import is_unet_state_dict, make_evaluator
+def _note(stream):
+    """Print a line per planning phase on a terminal."""
+
+    def note(message: str) -> None:
+        if stream.isatty():
+            print(f"qpack: {message}", file=stream, flush=True)
+
+    return note
+
+
+def _model(state: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The model and calibration inputs for model-aware packing, if any: --model, or the
+    demo's UNet recognised by its names and shapes (with synthetic patches by default)."""
+    if args.model_args is not None and args.model is None:
+        raise UsageError("--model-args needs --model")
+    if args.model is not None:
+        from ..inputs import build_model, read_calibration
+
+        if args.calibration is None:
+            raise UsageError("--model needs --calibration FILE (inputs to run it on)")
+        model = build_model(args.model, args.model_args)
+        _load_weights(model, state, args.model)
+        return {"model": model, "calibration": read_calibration(args.calibration)}
+    from ..demo.unet import UNet, is_unet_state_dict
 
     if not is_unet_state_dict(state):
-        if calibration is not None:
-            raise UsageError(
-                "--calibration needs a UNet checkpoint (other models use weight error)"
-            )
-        return None, "weight error"
-    import numpy as np
+        if args.calibration is not None:
+            raise UsageError("--calibration needs --model MODULE:CALLABLE (the model to run)")
+        if args.rounding == "gptq":
+            raise UsageError("--rounding gptq needs --model and --calibration")
+        return {}
+    import torch
 
-    if calibration is None:
+    model = UNet()
+    _load_weights(model, state, "the demo UNet")
+    if args.calibration is None:
         from ..demo.synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, make_patches
 
-        inputs = make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)[0]
-        source = f"{CALIBRATION_PATCHES} synthetic patches"
+        inputs = torch.from_numpy(make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)[0])
+        batches = list(inputs.split(64))
     else:
-        inputs = _read_calibration(calibration)
-        source = f"{len(inputs)} patches of {Path(calibration).name}"
-    return make_evaluator(dict(state), np.asarray(inputs)), f"UNet output error on {source}"
+        from ..inputs import read_calibration
+
+        batches = read_calibration(args.calibration)
+    return {"model": model, "calibration": batches, "postprocess": torch.sigmoid}
 
 
-def _read_calibration(path: str):
-    import numpy as np
+def _load_weights(model, state: Mapping[str, Any], what: str) -> None:
+    """Load the checkpoint into the model built for it (strict: every name and shape)."""
+    import torch
 
     try:
-        inputs = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
-        raise E.QpackError(f"cannot read calibration inputs ({reason})", path=path) from None
-    if (
-        not isinstance(inputs, np.ndarray)
-        or inputs.ndim != 4
-        or inputs.shape[1:] != (1, 36, 36)
-        or not len(inputs)
-        or inputs.dtype.kind not in "fiu"
-    ):
-        shape = getattr(inputs, "shape", None)
-        raise E.QpackError(
-            f"calibration inputs must be an [N, 1, 36, 36] numeric array, got {shape}", path=path
-        )
-    inputs = inputs.astype(np.float32)
-    if not np.isfinite(inputs).all():
-        raise E.QpackError("calibration inputs hold NaN or infinite values", path=path)
-    return inputs
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise E.QpackError(f"the checkpoint does not fit {what}: {first}") from None
+    model.eval()

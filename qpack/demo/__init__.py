@@ -22,12 +22,12 @@ import torch
 
 from .. import errors as E
 from .._threads import cpu_count
-from ..api import load, save
-from ..budget import OPTION_SCHEMES, Allocator
+from ..api import _save, load
 from ..checkpoint import read_checkpoint
+from ..planner import Planner
 from ..schemes import DEFAULT_SCHEME, SCHEMES
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
-from .unet import UNet, default_checkpoint_path, make_evaluator
+from .unet import UNet, default_checkpoint_path
 
 __all__ = [
     "DEFAULT_BITS",
@@ -185,19 +185,20 @@ def run_demo(
                 }
             ]
             name = Path(checkpoint).name
-            allocator = None
+            planner = None
             if not uniform:
-                note("measuring each layer's effect on the output (calibration patches)")
+                note("calibrating on synthetic patches: layer statistics and sensitivities")
                 calibration, _ = make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)
-                allocator = Allocator(
+                planner = Planner(
                     state,
-                    evaluate=make_evaluator(state, calibration),
-                    schemes=(scheme,) if scheme else OPTION_SCHEMES,
+                    model=build_model(state, checkpoint),
+                    calibration=torch.from_numpy(calibration).split(batch_size),
+                    postprocess=torch.sigmoid,
                 )
             for b in bits:
-                for label, how, options in _settings(b, scheme, origin, allocator):
+                for label, how, options in _settings(b, scheme, origin, planner):
                     path = folder / f"unet_{label}_{b}bit.qpk"
-                    save(state, path, metadata={"source": name}, **options)
+                    _save(state, path, metadata={"source": name}, **options)
                     size = path.stat().st_size
                     note(f"evaluating {label} {b}-bit ({size:,} bytes)")
                     model = build_model(load(path), path)
@@ -217,7 +218,7 @@ def run_demo(
     return rows
 
 
-def _settings(bits: int, scheme: str | None, origin: bool, allocator: Allocator | None):
+def _settings(bits: int, scheme: str | None, origin: bool, planner: Planner | None):
     """(label, description, save options) of the files compared at one bit width."""
     if origin:
         # the origin's per-layer symmetric quantizer, stored densely: what it never had
@@ -230,18 +231,22 @@ def _settings(bits: int, scheme: str | None, origin: bool, allocator: Allocator 
                 "entropy": False,
             },
         )
-    if allocator is None:
+    if planner is None:
         scheme = scheme or DEFAULT_SCHEME
         yield "qpack", f"{scheme}, Huffman", {"bits": bits, "scheme": scheme, "entropy": True}
     else:
-        plan = allocator.for_bits(bits)
+        planned = planner.plan(bits=bits, scheme=scheme)
+        plan = planned.options
         widths = [b for b in plan["bits"].values() if b is not None]
-        per_channel = sum(s.endswith("per-channel") for s in plan["scheme"].values())
+        schemes = plan["scheme"]
+        if isinstance(schemes, str):
+            schemes = dict.fromkeys(widths, schemes)
+        per_channel = sum(s.endswith("per-channel") for s in schemes.values())
         how = (
             f"Huffman, {min(widths):g}-{max(widths):g} bits, "
-            f"{per_channel}/{len(widths)} layers per-channel"
+            f"{per_channel}/{len(widths)} layers per-channel, GPTQ"
         )
-        yield "qpack", how, {**plan, "entropy": True}
+        yield "qpack", how, {"planned": planned, "entropy": True}
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -1,0 +1,105 @@
+"""A model's output error when some of its weights are replaced by their quantized values.
+
+This is what model-aware planning minimizes: run the model on the user's calibration
+inputs once with its float weights, keep the outputs, and compare later runs against them.
+Outputs may be any tensor or nested structure (tuples, lists, dicts) of tensors; the error
+is the mean squared difference over all of their floating elements, optionally after a
+``postprocess`` (e.g. a sigmoid, to compare probabilities rather than logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import errors as E
+
+__all__ = ["Evaluator", "call_model", "flat_outputs"]
+
+
+def call_model(model: torch.nn.Module, batch: Any) -> Any:
+    """``model(batch)``, ``model(*batch)`` for a tuple or list, ``model(**batch)`` for a dict."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def flat_outputs(output: Any) -> Iterator[torch.Tensor]:
+    """The floating tensors of a model's output, in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point() or output.is_complex():
+            yield output
+    elif isinstance(output, Mapping):
+        for key in sorted(output, key=str):
+            yield from flat_outputs(output[key])
+    elif isinstance(output, (tuple, list)):
+        for item in output:
+            yield from flat_outputs(item)
+    elif hasattr(output, "__dataclass_fields__"):  # e.g. Hugging Face ModelOutput
+        for key in output.__dataclass_fields__:
+            yield from flat_outputs(getattr(output, key))
+
+
+class Evaluator:
+    """``evaluator(replaced)`` -> the mean squared output change on the calibration inputs
+    when the parameters named in ``replaced`` (``{name: array}``) take those values; the
+    model's own weights are restored afterwards. Distortions of separate layers roughly
+    add up, which is what the allocator assumes."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: Iterable[Any],
+        postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.model = model
+        self.inputs = list(inputs)
+        if not self.inputs:
+            raise E.EncodeError("calibration needs at least one input")
+        self.postprocess = postprocess
+        self._params = dict(model.named_parameters())
+        self._params.update(dict(model.named_buffers()))
+        self.reference = self._outputs()
+        self.count = sum(int(t.numel()) for t in self.reference)
+        if not self.count:
+            raise E.EncodeError("the model returns no floating tensors to compare")
+        self.calls = 0
+
+    def _outputs(self) -> list[torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        outs = []
+        try:
+            with torch.no_grad():
+                for batch in self.inputs:
+                    for t in flat_outputs(call_model(self.model, batch)):
+                        t = self.postprocess(t) if self.postprocess else t
+                        outs.append(t.detach().to(torch.float64))
+        finally:
+            self.model.train(was_training)
+        return outs
+
+    def __call__(self, replaced: Mapping[str, np.ndarray]) -> float:
+        saved = {}
+        self.calls += 1
+        with torch.no_grad():
+            try:
+                for name, value in replaced.items():
+                    param = self._params[name]
+                    saved[name] = param.detach().clone()
+                    new = torch.as_tensor(np.asarray(value)).reshape(param.shape)
+                    param.copy_(new.to(param.dtype))
+                outs = self._outputs()
+            finally:
+                for name, value in saved.items():
+                    self._params[name].copy_(value)
+        if len(outs) != len(self.reference):
+            raise E.EncodeError("the model's outputs change shape between calls")
+        pairs = zip(outs, self.reference, strict=True)
+        total = sum(float(((o - r).abs() ** 2).sum()) for o, r in pairs)
+        return total / self.count
