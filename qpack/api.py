@@ -7,7 +7,8 @@ stays cheap and a numpy-only loader never pulls it in.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,9 +104,8 @@ def _save(
 
 
 def _is_module(obj: Any) -> bool:
-    return type(obj).__module__ != "builtins" and hasattr(obj, "state_dict") and hasattr(
-        obj, "named_parameters"
-    )
+    torch = sys.modules.get("torch")  # a model means torch is imported already
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -195,12 +195,16 @@ def _on_cpu(device) -> bool:
     return str(device).split(":")[0] == "cpu"
 
 
-def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> Any:
     """Load a .qpk file into ``model`` (onto the device of its parameters).
 
     With ``strict`` every name must match in both directions and every shape must agree;
     otherwise a :class:`qpack.QpackError` lists the missing, unexpected and mismatched names
-    (instead of torch's long error text).
+    (instead of torch's long error text). Returns what ``load_state_dict`` returns: the
+    missing and unexpected keys.
+
+    Example:
+        >>> missing, unexpected = qpack.load_into(model, "model.qpk", strict=False)
     """
     expected = model.state_dict()
     device = next((t.device for t in expected.values()), "cpu")
@@ -225,12 +229,13 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool =
         raise E.QpackError(
             f"does not fit {type(model).__name__}: " + "; ".join(problems), path=path
         )
-    model.load_state_dict(state, strict=strict)
+    return model.load_state_dict(state, strict=strict)
 
 
 class QpackFile:
-    """Lazy access to a .qpk file, like safetensors' ``safe_open``: the header is read and
-    validated when opened; :meth:`get` reads, checks and decodes only that tensor's bytes."""
+    """Lazy access to a .qpk file, with the verbs of safetensors' ``safe_open``: the header
+    is read and validated when opened; :meth:`get_tensor` reads, checks and decodes only
+    that tensor's bytes (and the alignment bytes before them)."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         self._reader = Reader(path)
@@ -240,11 +245,11 @@ class QpackFile:
         """Tensor names, in file (state_dict) order."""
         return self._reader.keys()
 
-    @property
     def metadata(self) -> dict[str, str]:
+        """The file's string metadata."""
         return self._reader.metadata
 
-    def get(self, name: str) -> torch.Tensor:
+    def get_tensor(self, name: str) -> torch.Tensor:
         """One tensor, decoded (on the device given to :func:`open`) and in its original
         dtype; KeyError for an unknown name."""
         entry = self._reader.entry(name)
@@ -256,8 +261,15 @@ class QpackFile:
             return _finish(entry, tensor)
         from .device import decode_on_device
 
-        payload = self._reader.payload(entry)
+        payload = self._reader.checked_payload(name)
         return decode_on_device(entry, payload, self._device, path=self._reader.path)
+
+    get = get_tensor
+
+    def get_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in file order, decoded one at a time."""
+        for name in self.keys():
+            yield name, self.get_tensor(name)
 
     def close(self) -> None:
         self._reader.close()
@@ -270,7 +282,12 @@ class QpackFile:
 
 
 def open(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QpackFile:
-    """Open a .qpk file for lazy, per-tensor reading (use as a context manager)."""
+    """Open a .qpk file for lazy, per-tensor reading (use as a context manager).
+
+    Example:
+        >>> with qpack.open("model.qpk") as f:
+        ...     w = f.get_tensor("fc.weight")
+    """
     return QpackFile(path, device)
 
 

@@ -67,6 +67,7 @@ class Reader:
             self.close()
             raise
         self._by_name = {entry.name: entry for entry in self.header.tensors}
+        self._index = {entry.name: i for i, entry in enumerate(self.header.tensors)}
 
     # -- plumbing
     def _read_at(self, offset: int, size: int, into: np.ndarray | None = None):
@@ -127,8 +128,26 @@ class Reader:
         :meth:`arrays`."""
         entry = self.entry(name)
         with scratch_scope():
-            data = self.payload(entry, scratch("payload", entry.length))
+            data = self._checked(entry, self._gap_before(entry), scratch("payload", entry.length))
             return decode_payload(entry, data, self.path, out, dequant)
+
+    def checked_payload(self, name: str):
+        """One tensor's bytes, with every check a reader of that tensor alone makes (its CRC
+        and the alignment bytes before it), for decoders elsewhere (e.g. on a GPU)."""
+        entry = self.entry(name)
+        return self._checked(entry, self._gap_before(entry))
+
+    def _gap_before(self, entry: TensorEntry) -> int:
+        """Where the alignment bytes before a tensor begin, relative to the data section
+        (spec section 8: a reader of one tensor checks them, and the header's padding too
+        for the first tensor)."""
+        tensors = self.header.tensors
+        index = self._index[entry.name]
+        if index == 0:
+            self._check_zero(PREAMBLE_SIZE + self.header.header_len, self.header.data_start)
+            return 0
+        before = tensors[index - 1]
+        return before.offset + before.length
 
     def arrays(
         self,

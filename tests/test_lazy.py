@@ -29,7 +29,7 @@ def test_open_matches_load(saved):
     full = qpack.load(path)
     with qpack.open(path) as f:
         assert f.keys() == list(state)
-        assert f.metadata["model"] == "lazy"
+        assert f.metadata()["model"] == "lazy"
         for name in reversed(f.keys()):  # any order
             got = f.get(name)
             assert got.dtype == full[name].dtype and torch.equal(got, full[name])

@@ -98,20 +98,10 @@ def test_per_tensor_defects_name_their_tensor():
                 assert case["tensor"] in [e.name for e in reader.header.tensors], case["file"]
 
 
-# The reader's single-tensor path does not check the alignment gap before the tensor yet
-# (spec section 8 requires it); remove a name here when that check lands.
-LAZY_GAP_PENDING = {
-    "invalid/nonzero_alignment_padding.qpk",
-    "invalid/nonzero_gap_between_tensors.qpk",
-}
-
-
 @pytest.mark.parametrize(
     "case", [c for c in MANIFEST["invalid"] if "tensor" in c], ids=lambda c: c["file"]
 )
-def test_invalid_vector_raises_when_only_its_tensor_is_decoded(case, request):
-    if case["file"] in LAZY_GAP_PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="lazy gap check pending"))
+def test_invalid_vector_raises_when_only_its_tensor_is_decoded(case):
     cls = qpack.errors.ERROR_CLASSES[case["error"]]
     with Reader((VECTORS / case["file"]).read_bytes()) as reader, pytest.raises(cls) as info:
         reader.array(case["tensor"])

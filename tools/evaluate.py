@@ -31,6 +31,7 @@ origin vs origin+zstd) share one evaluation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -760,6 +761,167 @@ def _save(fig, path: Path) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+# --------------------------------------------------------------------------- any model
+#
+# `--models unet lstm conv1d attn`: model-aware qpack against the references and peers on
+# every model of the evaluation (the embedded UNet and tools/zoo.py's), each with its own
+# calibration set (256 examples) and held-out set, never the calibration set.
+
+ZOO_MODELS = ("unet", "lstm", "conv1d", "attn")
+MODEL_CALIBRATION = 256
+
+
+@dataclass
+class Subject:
+    """A model to evaluate, its data and how its outputs become probabilities."""
+
+    name: str
+    model: torch.nn.Module
+    calibration: list[torch.Tensor]
+    heldout: torch.Tensor
+    probabilities: Callable[[torch.Tensor], torch.Tensor]
+    fresh: Callable[[], torch.nn.Module]
+
+
+def subject(name: str, samples: int | None = None) -> Subject:
+    """The embedded UNet (sigmoid per pixel) or a zoo model (softmax over classes)."""
+    if name == "unet":
+        from qpack.demo.unet import UNet, load_default
+
+        calib, _ = synthetic.make_patches(MODEL_CALIBRATION, CALIBRATION_SEED)
+        held, _ = synthetic.make_patches(samples or DEFAULT_SAMPLES, synthetic.HELDOUT_SEED)
+        return Subject(
+            name, load_default(), list(torch.from_numpy(calib).split(64)),
+            torch.from_numpy(held), torch.sigmoid, UNet,
+        )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import zoo
+
+    spec = zoo.ZOO[name]
+    calib, _ = spec.make_data("calibration", MODEL_CALIBRATION)
+    held, _ = spec.make_data("heldout", samples)
+    return Subject(
+        name, spec.load(), list(calib.split(64)), held, lambda t: t.softmax(dim=-1), spec.build
+    )
+
+
+def predict_probabilities(s: Subject, state: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    """The probabilities on the held-out set, of the float model or with ``state`` loaded."""
+    model = s.model
+    if state is not None:
+        model = s.fresh()
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([s.probabilities(model(b)) for b in s.heldout.split(128)])
+
+
+def model_rows(s: Subject, workdir: Path, progress=None) -> list[dict[str, Any]]:
+    """Size and held-out mean |p - p_float| of every setting on one model."""
+    from qpack.api import _save
+    from qpack.planner import Planner
+
+    note = progress or (lambda _m: None)
+    state = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+    floats = {k: v for k, v in state.items() if v.is_floating_point()}
+    params = sum(int(v.numel()) for v in floats.values())
+    reference = predict_probabilities(s, None)
+    rows = []
+
+    def add(label: str, size: int, decoded: Mapping[str, torch.Tensor], how: str = "") -> None:
+        probs = predict_probabilities(s, decoded)
+        err = float((probs - reference).abs().mean())
+        rows.append({"model": s.name, "setting": label, "bytes": int(size), "how": how,
+                     "ratio": 4 * params / size, "mean_abs_dp": err})
+        note(f"{s.name}: {label}: {size:,} bytes, mean|dp| {100 * err:.4f}%")
+
+    def qpk(label: str, obj, **options) -> None:
+        path = workdir / f"{s.name}_{label.replace(' ', '_').replace('/', '-')}.qpk"
+        planned = _save(obj, path, **options)
+        add(label, path.stat().st_size, qpack.load(path), planned.summary)
+
+    qpk("int8 per-layer", state, bits=8, scheme=ORIGIN_SCHEME, entropy=False)
+    qpk("int4 per-layer", state, bits=4, scheme=ORIGIN_SCHEME, entropy=False)
+    qpk("int4 per-channel", state, bits=4, scheme=QPACK_SCHEME, entropy=False)
+    try:
+        arrays = state_to_numpy(state)
+        for t in GGUF_TYPES:
+            dq, size, _ = gguf_quantize_state(arrays, t)
+            add(f"gguf {t}", size, to_torch(dq), "blocks+f16+f32")
+    except ImportError:
+        note("gguf rows skipped (the optional gguf package is not installed)")
+    for bits in (8, 4, 3):
+        qpk(f"qpack --bits {bits}, no model", state, bits=bits)
+    planner = Planner(state, model=s.model, calibration=s.calibration,
+                      postprocess=s.probabilities)
+    for bits in (8, 4, 3):
+        planned = planner.plan(bits=bits)
+        qpk(f"qpack --bits {bits}", state, planned=planned, entropy=True)
+        # the same widths and grids with round-to-nearest codes: GPTQ's gain at matched size
+        nearest = dict(planned.options, rounding="nearest")
+        qpk(f"  same plan, RTN codes ({bits})", state, **nearest)
+    note(f"{s.name}: planner timings " + ", ".join(
+        f"{k} {v:.1f} s" for k, v in planner.timings.items()))
+    return rows
+
+
+def model_checks(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The targets of model-aware quantization, judged on held-out data."""
+    by = {r["setting"]: r for r in rows}
+    out = []
+
+    def check(what: str, ok: bool) -> None:
+        out.append(f"{'PASS' if ok else 'MISS'} {rows[0]['model']}: {what}")
+
+    q8, i8 = by["qpack --bits 8"], by["int8 per-layer"]
+    check(f"--bits 8 {q8['bytes'] / i8['bytes']:.2f}x int8's size (<= 0.75x), error "
+          f"{q8['mean_abs_dp'] / max(i8['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
+          q8["bytes"] <= 0.75 * i8["bytes"] and q8["mean_abs_dp"] <= i8["mean_abs_dp"])
+    q4, i4 = by["qpack --bits 4"], by["int4 per-layer"]
+    check(f"--bits 4 {q4['bytes'] / i4['bytes']:.2f}x int4 per-layer's size (< 1x), error "
+          f"{q4['mean_abs_dp'] / max(i4['mean_abs_dp'], 1e-12):.2f}x (<= 0.5x)",
+          q4["bytes"] < i4["bytes"] and q4["mean_abs_dp"] <= 0.5 * i4["mean_abs_dp"])
+    if "gguf Q4_0" in by:
+        g = by["gguf Q4_0"]
+        check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x Q4_0's bytes (< 1x), error "
+              f"{q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
+              q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
+    for bits in (4, 3):
+        q, r = by[f"qpack --bits {bits}"], by[f"  same plan, RTN codes ({bits})"]
+        check(f"--bits {bits} GPTQ codes {q['mean_abs_dp'] / max(r['mean_abs_dp'], 1e-12):.2f}x "
+              "the error of RTN codes on the same plan (<= 0.6x)",
+              q["mean_abs_dp"] <= 0.6 * r["mean_abs_dp"])
+    return out
+
+
+def format_model_rows(rows: Sequence[Mapping[str, Any]]) -> str:
+    head = "| model | setting | bytes | ratio | mean abs dp % |\n|---|---|---:|---:|---:|"
+    body = [
+        f"| {r['model']} | {r['setting'].strip()} | {r['bytes']:,} | {r['ratio']:.2f}x | "
+        f"{100 * r['mean_abs_dp']:.4f} |"
+        for r in rows
+    ]
+    return "\n".join([head, *body])
+
+
+def run_models(names: Sequence[str], samples: int | None, workdir: Path | None, progress):
+    """Every model's rows and checks, as markdown."""
+    rows, checks = [], []
+    scratch = (
+        contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory()
+    )
+    with scratch as tmp:
+        folder = Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            mine = model_rows(subject(name, samples), folder, progress)
+            rows += mine
+            checks += model_checks(mine)
+    stamp = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{demo.cpu_count()} CPUs, torch {torch.__version__}")
+    return rows, "\n".join([format_model_rows(rows), "", *checks, "", f"({stamp})"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="UNet state_dict .pt (default: the embedded one)")
@@ -777,6 +939,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, help="write the PNG plots into this folder")
     p.add_argument("--workdir", type=Path, help="keep the .qpk files here")
     p.add_argument("--threads", type=int, help="torch threads (default: all usable cores)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=ZOO_MODELS,
+        help="instead: model-aware qpack against per-layer int8/int4, per-channel int4 and "
+        "GGUF on these models (their own calibration and held-out data)",
+    )
     return p
 
 
@@ -787,12 +956,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     methods = METHODS if not args.methods else [m.strip() for m in args.methods.split(",")]
     torch.set_num_threads(args.threads or demo.cpu_count())
+    say = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr)  # noqa: E731
+    if args.models:
+        rows, text = run_models(args.models, args.samples, args.workdir, say)
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     try:
         state = load_state(args.checkpoint)
     except (FileNotFoundError, qpack.QpackError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
-    say = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr)  # noqa: E731
     result = run(
         state,
         args.samples,
