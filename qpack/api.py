@@ -80,7 +80,8 @@ def _save(
     """:func:`save`, reporting each tensor's element count to ``progress`` when encoded and
     each planning phase to ``note``; ``write`` passes ``overwrite``/``inputs`` on to
     :func:`qpack.atomic.write_atomic`; ``planned`` (a :class:`~qpack.planner.Planned`)
-    skips planning. Returns what was planned."""
+    skips planning; ``raw`` (in ``request``) names tensors to keep exact. Returns what was
+    planned."""
     model = None
     if _is_module(obj):
         model, obj = obj, obj.state_dict()
@@ -127,11 +128,9 @@ def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor
     if _on_cpu(device):
         decoded = _decode_into_torch(reader)
     else:
-        import torch
-
         from .device import finish, host_workers, stage
 
-        device = torch.device(device)
+        device = _usable(device)
         # checks, CRCs and Huffman decoding on the host's threads; the rest on the device
         staged = reader.payloads(
             host_workers(reader), then=lambda e, payload: stage(e, payload, device, reader.path)
@@ -189,6 +188,20 @@ def _dtype(entry) -> torch.dtype:
     import torch
 
     return getattr(torch, entry.dtype)
+
+
+def _usable(device) -> torch.device:
+    """``device`` as a torch.device, or a QpackError when this torch cannot use it (e.g.
+    "cuda" with a CPU-only build, where torch raises a bare AssertionError)."""
+    import torch
+
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise E.QpackError(f"cannot use device {str(device)!r} ({first})") from None
+    return device
 
 
 def _on_cpu(device) -> bool:
@@ -262,7 +275,8 @@ class QpackFile:
         from .device import decode_on_device
 
         payload = self._reader.checked_payload(name)
-        return decode_on_device(entry, payload, self._device, path=self._reader.path)
+        device = _usable(self._device)
+        return decode_on_device(entry, payload, device, path=self._reader.path)
 
     get = get_tensor
 

@@ -25,7 +25,7 @@ calibration inputs (``evaluate``) and corrected, a few forward passes in all.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +119,8 @@ class Allocator:
 
     ``stats`` (layer input statistics) and ``sensitivity`` (per-channel output weights)
     let a layer's distortion be predicted in closed form, and make its codes
-    error-compensating; ``evaluate`` is the model's real distortion."""
+    error-compensating; ``evaluate`` is the model's real distortion; tensors named in
+    ``raw`` are kept exact."""
 
     def __init__(
         self,
@@ -129,10 +130,13 @@ class Allocator:
         stats: Mapping[str, Any] | None = None,
         sensitivity: Mapping[str, np.ndarray] | None = None,
         schemes: tuple[str, ...] = OPTION_SCHEMES,
+        raw: Collection[str] = (),
         progress: Callable[[str], None] | None = None,
     ):
         self._items = as_items(state_dict)  # torch tensors or numpy arrays, as save() takes
-        self._targets = [t for t in self._items if default_bits(t[1], t[2], DEFAULT_BITS)]
+        self._targets = [
+            t for t in self._items if t[0] not in raw and default_bits(t[1], t[2], DEFAULT_BITS)
+        ]
         self._weight_error = evaluate is None
         self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
         names = {name for name, _, _ in self._targets}
@@ -153,9 +157,10 @@ class Allocator:
 
         # Tensors are measured on threads when no model runs; a model evaluator runs torch,
         # which already uses every core.
-        self._choices = list(
-            ordered_map(measure, self._targets, 1 if evaluate is not None else None)
-        )
+        choices = list(ordered_map(measure, self._targets, 1 if evaluate is not None else None))
+        # a tensor no option can store (values near the float32 limit) stays exact
+        self._targets = [t for t, c in zip(self._targets, choices, strict=True) if c.options]
+        self._choices = [c for c in choices if c.options]
         self._hull = _hull(self._choices)
         self._joints: dict[tuple, float] = {}
         self._sizes: dict[tuple, int] = {}
@@ -169,10 +174,12 @@ class Allocator:
         """The distortion with every target quantized as chosen: the model's, or the sum of
         relative weight errors; with plain round-to-nearest codes if ``plain`` (a
         reference's). Memoized."""
-        key = (plain, *(chosen[n] for n, _, _ in self._targets))
+        key = (plain, *(chosen.get(n) for n, _, _ in self._targets))
         if key not in self._joints:
             decoded = {}
             for name, array, dtype in self._targets:
+                if name not in chosen:
+                    continue  # kept exact
                 rounding = "nearest" if plain else self.rounding(name)
                 tp = TensorPlan(*chosen[name], rounding)
                 q = quantize_tensor(name, array, dtype, tp, self.rounder)
@@ -182,7 +189,7 @@ class Allocator:
 
     def file_size(self, chosen: Mapping[str, Option]) -> int:
         """The bytes of the file this choice makes (memoized)."""
-        key = tuple(chosen[n] for n, _, _ in self._targets)
+        key = tuple(chosen.get(n) for n, _, _ in self._targets)
         if key not in self._sizes:
             plan = resolve(self._items, entropy=True, **self._plan(chosen))
             chunks = encode_chunks(self._items, plan, rounder=self.rounder)
@@ -206,7 +213,9 @@ class Allocator:
         if self._weight_error:
             chosen = self._dominant(bits)
         else:
-            reference = {name: _reference(bits) for name, _, _ in self._targets}
+            reference = {
+                t[0]: _reference(bits) for t in self._targets if _storable(t, _reference(bits))
+            }
             target = self.joint(reference, plain=True)
             chosen = self._smallest_within(target)
             if chosen is None:  # the reference's own widths, with better codes
@@ -220,6 +229,8 @@ class Allocator:
         chosen = {}
         for target, choice in zip(self._targets, self._choices, strict=True):
             option = _reference(bits)
+            if not _storable(target, option):
+                continue  # the reference keeps it exact: so does the plan
             limit = _squared_error(target, option) * (1 + 1e-9)
             fits = [i for i, e in enumerate(choice.error) if e <= limit]
             if fits:
@@ -300,35 +311,58 @@ def _float64(array: np.ndarray, dtype: str) -> np.ndarray:
     return (bf16_to_f32(array) if dtype == "bfloat16" else array).astype(np.float64)
 
 
+def _finite(target) -> np.ndarray:
+    """The tensor in float64; NaN or infinite values raise quantize_tensor's error (an
+    option may be skipped when its grid overflows, never a tensor that is not finite)."""
+    name, array, dtype = target
+    values = _float64(array, dtype)
+    if not np.isfinite(values).all():
+        quantize_tensor(name, array, dtype, TensorPlan(8.0))
+    return values
+
+
 def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choices:
     """Exact sizes and squared weight errors of every option (round to nearest); with a
     model evaluator, distortion = squared error x the tensor's sensitivity, measured at the
     ANCHORS (with the per-channel grid) and interpolated log-linearly in between."""
     name, array, dtype = target
-    reference = _float64(array, dtype)
+    reference = _finite(target)
     schemes = {s for _, s in options}
     anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
     anchors = {(b, anchor_scheme) for b in ANCHORS}
-    sizes, errors, decoded = [], [], {}  # decoded: only what the evaluator will need
+    sizes, errors, decoded, kept = [], [], {}, []  # decoded: what the evaluator will need
     for option in options:
-        q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        try:
+            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        except E.EncodeError:  # values near the float32 limit overflow coarse grids
+            continue
+        kept.append(option)
         sizes.append(_option_size(name, array, dtype, q, option[1]))
         values = q.values().reshape(array.shape)
         errors.append(float(((values - reference) ** 2).sum()))
         if evaluate is not None and option in anchors:
             decoded[option] = values
+    options, anchors = kept, {o for o in anchors if o in kept}
+    if not options:
+        return _Choices(name, [], np.zeros(0), np.zeros(0), np.zeros(0))
     errors = np.maximum(np.array(errors), 1e-30)
     widths = np.array([b for b, _ in options])
     if evaluate is None:
         energy = float((reference**2).mean()) or 1.0
         sensitivity = np.full(len(options), 1.0 / (energy * max(reference.size, 1)))
     else:
+        at = [b for b in ANCHORS if (b, anchor_scheme) in anchors] or [widths.max()]
+        if (at[0], anchor_scheme) not in decoded:  # no anchor storable: the finest option
+            finest = options[int(np.argmax(widths))]
+            q = quantize_tensor(name, array, dtype, TensorPlan(*finest))
+            decoded[(at[0], anchor_scheme)] = q.values().reshape(array.shape)
+            errors_at = {at[0]: errors[options.index(finest)]}
+        else:
+            errors_at = {b: errors[options.index((b, anchor_scheme))] for b in at}
         measured = [
-            max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30)
-            / errors[options.index((b, anchor_scheme))]
-            for b in ANCHORS
+            max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30) / errors_at[b] for b in at
         ]
-        sensitivity = np.exp(np.interp(widths, ANCHORS, np.log(measured)))
+        sensitivity = np.exp(np.interp(widths, at, np.log(measured)))
     return _Choices(name, list(options), np.array(sizes), errors * sensitivity, errors)
 
 
@@ -340,21 +374,28 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
     from .gptq import row_output_errors
 
     name, array, dtype = target
-    reference = _float64(array, dtype)
+    reference = _finite(target)
 
     def predicted(values: np.ndarray) -> float:
         rows = row_output_errors(values - reference, stats.hessian)
         return float(weights @ rows)
 
-    sizes, errors, predictions = [], [], []
+    sizes, errors, predictions, kept = [], [], [], []
     for option in options:
-        q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        try:
+            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        except E.EncodeError:  # values near the float32 limit overflow coarse grids
+            continue
+        kept.append(option)
         sizes.append(_option_size(name, array, dtype, q, option[1]))
         values = q.values().reshape(array.shape)
         errors.append(float(((values - reference) ** 2).sum()))
         predictions.append(predicted(values))
+    options = kept
+    if not options:
+        return _Choices(name, [], np.zeros(0), np.zeros(0), np.zeros(0))
     sizes, predictions = np.array(sizes, dtype=np.float64), np.array(predictions)
-    for scheme in {s for _, s in options}:
+    for scheme in sorted({s for _, s in options}):
         mine = [i for i, (_, s) in enumerate(options) if s == scheme]
         at = min(mine, key=lambda i: (abs(options[i][0] - GAIN_WIDTH), i))
         q = quantize_tensor(name, array, dtype, TensorPlan(*options[at], "gptq"), rounder)
@@ -364,6 +405,17 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
         sizes[mine] *= grow
     errors = np.maximum(np.array(errors), 1e-30)
     return _Choices(name, list(options), np.rint(sizes), np.maximum(predictions, 1e-30), errors)
+
+
+def _storable(target, option: Option) -> bool:
+    """Whether a tensor can be quantized so (values near the float32 limit overflow coarse
+    grids, which the file must not hold)."""
+    name, array, dtype = target
+    try:
+        quantize_tensor(name, array, dtype, TensorPlan(*option))
+    except E.EncodeError:
+        return False
+    return True
 
 
 def _squared_error(target, option: Option) -> float:

@@ -287,16 +287,29 @@ def _header_object(
     return header
 
 
+def check_name(name: object) -> None:
+    """Raise EncodeError unless a file can hold ``name`` as a tensor name (a non-empty str
+    of at most MAX_NAME_BYTES bytes of UTF-8)."""
+    try:
+        _check_name(name)
+    except _LimitError as exc:
+        raise E.EncodeError(str(exc), tensor=name if type(name) is str else None) from None
+
+
+def _check_name(name: object) -> None:
+    if type(name) is not str or not name:
+        raise _LimitError(f"a tensor name must be a non-empty string, got {name!r}")
+    size = len(_utf8(name, "the name"))
+    if size > MAX_NAME_BYTES:
+        raise _LimitError(f"the name is {size} bytes of UTF-8; at most {MAX_NAME_BYTES}")
+
+
 def _checked_record(entry: TensorEntry) -> tuple[dict, int, int]:
     """The entry's header record and its msgpack (objects, maps and arrays), after the
     checks of :func:`check_entry`."""
     name = entry.name
     try:
-        if type(name) is not str or not name:
-            raise _LimitError(f"a tensor name must be a non-empty string, got {name!r}")
-        size = len(_utf8(name, "the name"))
-        if size > MAX_NAME_BYTES:
-            raise _LimitError(f"the name is {size} bytes of UTF-8; at most {MAX_NAME_BYTES}")
+        _check_name(name)
         record = entry.to_header()
         objects, containers = _tally(record, 3, "entry")  # header map > tensors > entry
         _validate_tensor(record, 0, None)  # the reader's own checks of the record

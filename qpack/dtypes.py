@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import errors as E
+from .container import check_name
 
 __all__ = ["NUMPY_DTYPES", "as_items", "as_numpy", "bf16_to_f32", "dtype_name", "is_tensor"]
 
@@ -56,6 +57,15 @@ def as_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
     dtype = str(value.dtype).removeprefix("torch.")
     if dtype not in NUMPY_DTYPES:
         raise E.EncodeError(f"dtype {value.dtype} cannot be stored", tensor=name)
+    if value.is_meta:
+        raise E.EncodeError("is a meta tensor: it has a shape but no values", tensor=name)
+    if getattr(value, "is_nested", False) or value.layout != torch.strided:
+        kind = "nested" if getattr(value, "is_nested", False) else str(value.layout)
+        raise E.EncodeError(
+            f"is a {kind.removeprefix('torch.')} tensor; store its dense form "
+            "(tensor.to_dense()) instead",
+            tensor=name,
+        )
     tensor = value.detach().to("cpu").contiguous()
     if dtype == "bfloat16":
         return tensor.view(torch.int16).numpy().view(np.uint16), dtype
@@ -63,5 +73,8 @@ def as_numpy(name: str, value: Any) -> tuple[np.ndarray, str]:
 
 
 def as_items(state_dict: Mapping[str, Any]) -> list[tuple[str, np.ndarray, str]]:
-    """``(name, CPU numpy view, header dtype)`` of every tensor, in order."""
+    """``(name, CPU numpy view, header dtype)`` of every tensor, in order; names a file
+    cannot hold (empty, not UTF-8, too long) are refused first."""
+    for name in state_dict:
+        check_name(name)
     return [(name, *as_numpy(name, value)) for name, value in state_dict.items()]

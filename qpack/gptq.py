@@ -25,7 +25,7 @@ import torch
 
 from .schemes import DEFAULT_SCHEME, Quantized, _rows, levels_for, quantize
 
-__all__ = ["gptq_codes", "gptq_quantize", "output_error"]
+__all__ = ["gptq_codes", "gptq_quantize", "output_error", "row_output_errors"]
 
 
 def gptq_codes(

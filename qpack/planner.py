@@ -22,7 +22,7 @@ from typing import Any
 
 from . import errors as E
 from .dtypes import as_items
-from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, ROUNDINGS, Item, Plan, resolve
+from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, ROUNDINGS, Item, Plan, default_bits, resolve
 from .quantize import Rounder, gptq_rounder
 from .schemes import DEFAULT_SCHEME
 
@@ -141,8 +141,14 @@ class Planner:
         rounding: Any = None,
         uniform: bool = False,
         entropy: bool = True,
+        raw: Iterable[str] = (),
     ) -> Planned:
-        """Decide every tensor's width, grid and rounding (see the module's documentation)."""
+        """Decide every tensor's width, grid and rounding (see the module's documentation);
+        the tensors named in ``raw`` are kept exact."""
+        raw = set(raw)
+        unknown = sorted(raw - set(self.state))
+        if unknown:
+            raise E.EncodeError(f"tensors to keep raw are not in the state_dict: {unknown}")
         if max_size is not None and not entropy:
             raise E.EncodeError("max_size needs entropy coding (entropy=True)")
         # a named scheme, or a mapping, spells the plan out: qpack chooses nothing
@@ -165,6 +171,13 @@ class Planner:
                 return rounding
             return {n: "gptq" if n in stats else "nearest" for n in names}
 
+        if raw and not isinstance(bits, Mapping) and (spelled or uniform or not entropy):
+            bits = {  # every tensor spelled out: the others at the width asked for
+                name: None if name in raw else default_bits(array, dtype, bits)
+                for name, array, dtype in as_items(self.state)
+            }
+        elif raw and isinstance(bits, Mapping):
+            bits = {**bits, **dict.fromkeys(raw)}
         if isinstance(bits, Mapping):
             named = [n for n, b in bits.items() if b is not None]
             options = {"bits": dict(bits), "scheme": scheme or DEFAULT_SCHEME,
@@ -178,7 +191,10 @@ class Planner:
             how = f"{bits:g}-bit {kind}, {scheme}, {_rounding_words(options['rounding'])}"
             return Planned(options, rounder, how, dict(self.timings))
 
-        allocator = self.allocator() if wants_gptq else self._plain_allocator()
+        if raw:
+            allocator = self._plain_allocator(stats, raw)
+        else:
+            allocator = self.allocator() if wants_gptq else self._plain_allocator({}, ())
         with self._timed("plan"):
             if max_size is not None:
                 options = _run_model(lambda: allocator.for_size(max_size))
@@ -196,12 +212,22 @@ class Planner:
                f"chosen by {basis}")
         return Planned(options, allocator.rounder or rounder, how, dict(self.timings))
 
-    def _plain_allocator(self):
-        """An allocator without error-compensating rounding (``rounding="nearest"``)."""
+    def _plain_allocator(self, stats: Mapping, raw: Iterable[str]):
+        """An allocator for other settings than the shared one: without error-compensating
+        rounding (``stats`` empty) or with tensors kept raw."""
         from .budget import Allocator
 
-        evaluate, _ = self._model_measures()
-        return _run_model(lambda: Allocator(self.state, evaluate=evaluate, progress=self.note))
+        evaluate, sensitivity = self._model_measures()
+        return _run_model(
+            lambda: Allocator(
+                self.state,
+                evaluate=evaluate,
+                stats=stats,
+                sensitivity=sensitivity if stats else {},
+                raw=set(raw),
+                progress=self.note,
+            )
+        )
 
 
 def plan_save(

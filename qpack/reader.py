@@ -291,7 +291,7 @@ def describe(reader: Reader, stats: bool = False) -> dict:
             "dtype": e.dtype,
             "storage": e.storage,
             "bits": e.bits if quantized else DTYPE_SIZES[e.dtype] * 8,
-            "scheme": e.scheme if quantized else "raw",
+            "scheme": (e.scheme or "-") if quantized else "raw",
             "offset": e.offset,
             "bytes": e.length,
             "crc32": f"{e.crc32:08x}",
@@ -304,8 +304,12 @@ def describe(reader: Reader, stats: bool = False) -> dict:
             if e.storage == "huffman":
                 row["group"] = e.group
             if stats:
-                codes = decode_codes(e, reader.payload(e), reader.path)
-                row["entropy_bytes"] = entropy_bits(codes, 1 << e.bits) / 8
+                try:
+                    codes = decode_codes(e, reader.payload(e), reader.path)
+                except E.QpackError as exc:  # shown, not fatal: verify is the checker
+                    row["problem"] = exc.reason
+                else:
+                    row["entropy_bytes"] = entropy_bits(codes, 1 << e.bits) / 8
         tensors.append(row)
     return {
         "path": reader.path,

@@ -13,6 +13,7 @@ import torch
 
 import qpack
 from qpack.cli import main
+from qpack.reader import Reader
 
 NET = '''
 import torch
@@ -226,3 +227,82 @@ def test_model_options_fail_cleanly(tmp_path, ckpt, capsys, extra, status, fragm
     assert stdout == ""
     one_line(err, fragment)
     assert not (tmp_path / "o.qpk").exists()
+
+
+def test_keep_raw_and_fractional_bits(tmp_path, ckpt, capsys):
+    out = tmp_path / "k.qpk"
+    status, _, err = call(capsys, "pack", ckpt, "-o", out, "--bits", "3.5",
+                          "--keep-raw", "fc.*")
+    assert status == 0, err
+    rows = {t["name"]: t for t in qpack.inspect(out)["tensors"]}
+    assert rows["fc.weight"]["storage"] == "raw"
+    assert rows["conv.weight"]["storage"] in ("packed", "huffman")
+    state = torch.load(ckpt, weights_only=True)
+    assert torch.equal(qpack.load(out)["fc.weight"], state["fc.weight"])
+    status, _, err = call(capsys, "pack", ckpt, "-o", tmp_path / "u.qpk", "--bits", "3.5",
+                          "--uniform", "--keep-raw", "conv.weight")
+    assert status == 0, err
+    rows = {t["name"]: t for t in qpack.inspect(tmp_path / "u.qpk")["tensors"]}
+    assert rows["conv.weight"]["storage"] == "raw" and rows["fc.weight"]["bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--keep-raw", "nope.*"], "matches no tensor"),
+        (["--max-size", "10k", "--bits", "4"], "drop --bits"),
+        (["--bits", "0.5"], "from 1 to 8"),
+        (["--bits", "nan"], "from 1 to 8"),
+    ],
+)
+def test_contradictory_pack_options_are_usage_errors(tmp_path, ckpt, capsys, extra, fragment):
+    status, _, err = call(capsys, "pack", ckpt, "-o", tmp_path / "o.qpk", *extra)
+    assert status == 2
+    one_line(err, fragment)
+
+
+def test_weights_near_the_float32_limit_pack_by_default(tmp_path, capsys):
+    huge = {"w": torch.full((8, 8), 3e38) * torch.linspace(-1, 1, 64).reshape(8, 8)}
+    torch.save(huge, tmp_path / "huge.pt")
+    status, _, err = call(capsys, "pack", tmp_path / "huge.pt", "-o", tmp_path / "h.qpk")
+    assert status == 0, err
+    back = qpack.load(tmp_path / "h.qpk")["w"]
+    assert torch.isfinite(back).all()
+
+
+def test_inspect_flags_a_bad_tensor_and_shows_the_rest(tmp_path, ckpt, capsys):
+    out = tmp_path / "m.qpk"
+    qpack.save(torch.load(ckpt, weights_only=True), out, bits=4, uniform=True)
+    with Reader(out) as r:
+        data_start, entry = r.header.data_start, r.entry("fc.weight")
+    blob = bytearray(out.read_bytes())
+    blob[data_start + entry.offset] ^= 0xFF  # offsets count from the data section
+    bad = tmp_path / "bad.qpk"
+    bad.write_bytes(bytes(blob))
+    status, stdout, err = call(capsys, "inspect", bad)
+    assert status == 0, err
+    assert "conv.weight" in stdout and "BAD tensor 'fc.weight'" in stdout
+    status, _, err = call(capsys, "verify", bad)
+    assert status == 1
+    one_line(err, "fc.weight", "checksum")
+
+
+def test_unpack_refuses_what_safetensors_cannot_hold(tmp_path, capsys):
+    qpack.save({"__metadata__": torch.ones(2)}, tmp_path / "m.qpk")
+    status, _, err = call(capsys, "unpack", tmp_path / "m.qpk", "-o", tmp_path / "m.safetensors")
+    assert status == 1
+    one_line(err, "__metadata__")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_tensors_without_values_are_refused_in_one_line(tmp_path, capsys):
+    for name, value in [("meta", torch.zeros(3, 3, device="meta")),
+                        ("sparse", torch.eye(3).to_sparse())]:
+        with pytest.raises(qpack.QpackError, match=name):
+            qpack.save({"w": value}, tmp_path / "x.qpk")
+    with pytest.raises(qpack.QpackError, match="lone surrogate"):
+        qpack.save({"\udcff": torch.ones(2, 2)}, tmp_path / "x.qpk")
+    qpack.save({"w": torch.ones(2, 2)}, tmp_path / "ok.qpk")
+    if not torch.cuda.is_available():
+        with pytest.raises(qpack.QpackError, match="cannot use device 'cuda'"):
+            qpack.load(tmp_path / "ok.qpk", device="cuda")

@@ -51,6 +51,19 @@ def bits_arg(text: str) -> int:
     return value
 
 
+def width_arg(text: str) -> float:
+    """A width in bits from 1 to 8; fractional widths (3.5) mean round(2**bits) levels."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be a number from 1 to 8, got {text!r}"
+        ) from None
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be a number from 1 to 8, got {text}")
+    return int(value) if value.is_integer() else value
+
+
 def add_output(parser: argparse.ArgumentParser, what: str) -> None:
     """``-o OUT`` and ``--force``: an existing output is replaced only when asked."""
     parser.add_argument("-o", "--output", metavar="OUT", required=True, help=what)

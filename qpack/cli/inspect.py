@@ -78,7 +78,7 @@ def format_inspect(info: Mapping[str, Any]) -> str:
             t.get("granularity") or "-",
             f"{t['bytes']:,}",
             f"{t['bits_per_weight']:.2f}",
-            f"{t['entropy_bytes']:,.0f} B" if "entropy_bytes" in t else "-",
+            _bound(t),
         )
         for t in info["tensors"]
     ]
@@ -105,10 +105,22 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         f"file size:    {tot['file_size']:,} bytes",
         f"float32 size: {tot['float32_bytes']:,} bytes (4 bytes per parameter)",
         f"ratio:        {tot['ratio']:.2f}x",
-        "entropy bound: n * H(codes) of each quantized tensor, the least any coder of "
-        "independent codes could store them in",
+        "entropy bound: n * H(codes) of each quantized tensor: the least a coder of one "
+        "code at a time could store them in (coding codes in groups, as qpack may, can go "
+        "below it)",
     ]
+    problems = [t for t in info["tensors"] if "problem" in t]
+    if problems:
+        out.append("")
+        out += [f"BAD tensor {t['name']!r}: {t['problem']}" for t in problems]
+        out.append(f"{len(problems)} bad tensor(s): `qpack verify` checks the whole file")
     return "\n".join(out)
+
+
+def _bound(t: Mapping[str, Any]) -> str:
+    if "problem" in t:
+        return "BAD"
+    return f"{t['entropy_bytes']:,.0f} B" if "entropy_bytes" in t else "-"
 
 
 def run(args: argparse.Namespace) -> int:

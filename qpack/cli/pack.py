@@ -8,6 +8,7 @@ and encode (:mod:`qpack.writer`) -> write atomically (:mod:`qpack.atomic`).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,10 +22,10 @@ from ..schemes import DEFAULT_SCHEME, SCHEMES
 from ._common import (
     UsageError,
     add_output,
-    bits_arg,
     file_size,
     output_format,
     progress_bar,
+    width_arg,
     write_options,
 )
 
@@ -46,7 +47,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", metavar="IN", help="input checkpoint (.pt or .safetensors)")
     add_output(p, "output .qpk file")
     p.add_argument(
-        "--bits", type=bits_arg, default=8, metavar="{1..8}", help="bits per weight (default 8)"
+        "--bits",
+        type=width_arg,
+        default=None,
+        metavar="{1..8}",
+        help="the accuracy of N-bit quantization in the smallest file qpack can make "
+        "(default 8); with --uniform, --scheme or --no-entropy exactly N bits everywhere; "
+        "fractional widths (3.5) mean round(2**N) levels",
+    )
+    p.add_argument(
+        "--keep-raw",
+        metavar="NAME",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="store these tensors exactly (shell-style patterns, e.g. 'head.*')",
     )
     p.add_argument(
         "--scheme",
@@ -141,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         metadata["source_prefix"] = ckpt.stripped
     metadata.update(dict(args.metadata))
     request = _request(args)
+    request["raw"] = _raw_names(state, args.keep_raw)
     note = _note(sys.stderr)
     try:
         request.update(_model(state, args))
@@ -180,14 +196,27 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--max-size needs entropy coding (drop --no-entropy)")
     if args.max_size is not None and (args.uniform or args.scheme):
         raise UsageError("--max-size chooses widths and grids: drop --uniform and --scheme")
+    if args.max_size is not None and args.bits is not None:
+        raise UsageError("--max-size chooses the widths: drop --bits")
     return {
-        "bits": args.bits,
+        "bits": 8 if args.bits is None else args.bits,
         "max_size": args.max_size,
         "scheme": args.scheme,
         "rounding": args.rounding,
         "uniform": args.uniform,
         "entropy": args.entropy,
     }
+
+
+def _raw_names(state: Mapping[str, Any], patterns: list[str]) -> list[str]:
+    """The tensors --keep-raw names (each pattern must match at least one)."""
+    names = []
+    for pattern in patterns:
+        matched = [n for n in state if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise UsageError(f"--keep-raw {pattern!r} matches no tensor of the checkpoint")
+        names += [n for n in matched if n not in names]
+    return names
 
 
 def _note(stream):
