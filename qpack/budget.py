@@ -76,7 +76,7 @@ class _Choices:
     options: list[Option]  # candidate (width, scheme) pairs
     size: np.ndarray  # bytes each option costs (payload + header entry + alignment)
     distortion: np.ndarray  # predicted distortion when only this tensor is quantized so
-    error: np.ndarray  # squared weight error of each option (round to nearest)
+    error: np.ndarray  # channel-relative weight error of each option (round to nearest)
 
 
 def allocate(
@@ -231,7 +231,7 @@ class Allocator:
             option = _reference(bits)
             if not _storable(target, option):
                 continue  # the reference keeps it exact: so does the plan
-            limit = _squared_error(target, option) * (1 + 1e-9)
+            limit = _reference_error(target, option) * (1 + 1e-9)
             fits = [i for i, e in enumerate(choice.error) if e <= limit]
             if fits:
                 option = choice.options[min(fits, key=lambda i: (choice.size[i], i))]
@@ -330,7 +330,7 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     schemes = {s for _, s in options}
     anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
     anchors = {(b, anchor_scheme) for b in ANCHORS}
-    sizes, errors, decoded, kept = [], [], {}, []  # decoded: what the evaluator will need
+    sizes, errors, relative, decoded, kept = [], [], [], {}, []  # decoded: for the evaluator
     for option in options:
         try:
             q = quantize_tensor(name, array, dtype, TensorPlan(*option))
@@ -340,30 +340,29 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
         sizes.append(_option_size(name, array, dtype, q, option[1]))
         values = q.values().reshape(array.shape)
         errors.append(float(((values - reference) ** 2).sum()))
+        relative.append(_channel_error(values, reference))
         if evaluate is not None and option in anchors:
             decoded[option] = values
     options, anchors = kept, {o for o in anchors if o in kept}
     if not options:
         return _Choices(name, [], np.zeros(0), np.zeros(0), np.zeros(0))
-    errors = np.maximum(np.array(errors), 1e-30)
+    errors, relative = np.maximum(np.array(errors), 1e-30), np.array(relative)
     widths = np.array([b for b, _ in options])
     if evaluate is None:
-        energy = float((reference**2).mean()) or 1.0
-        sensitivity = np.full(len(options), 1.0 / (energy * max(reference.size, 1)))
+        return _Choices(name, list(options), np.array(sizes), relative, relative)
+    at = [b for b in ANCHORS if (b, anchor_scheme) in anchors] or [widths.max()]
+    if (at[0], anchor_scheme) not in decoded:  # no anchor storable: the finest option
+        finest = options[int(np.argmax(widths))]
+        q = quantize_tensor(name, array, dtype, TensorPlan(*finest))
+        decoded[(at[0], anchor_scheme)] = q.values().reshape(array.shape)
+        errors_at = {at[0]: errors[options.index(finest)]}
     else:
-        at = [b for b in ANCHORS if (b, anchor_scheme) in anchors] or [widths.max()]
-        if (at[0], anchor_scheme) not in decoded:  # no anchor storable: the finest option
-            finest = options[int(np.argmax(widths))]
-            q = quantize_tensor(name, array, dtype, TensorPlan(*finest))
-            decoded[(at[0], anchor_scheme)] = q.values().reshape(array.shape)
-            errors_at = {at[0]: errors[options.index(finest)]}
-        else:
-            errors_at = {b: errors[options.index((b, anchor_scheme))] for b in at}
-        measured = [
-            max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30) / errors_at[b] for b in at
-        ]
-        sensitivity = np.exp(np.interp(widths, at, np.log(measured)))
-    return _Choices(name, list(options), np.array(sizes), errors * sensitivity, errors)
+        errors_at = {b: errors[options.index((b, anchor_scheme))] for b in at}
+    measured = [
+        max(evaluate({name: decoded[(b, anchor_scheme)]}), 1e-30) / errors_at[b] for b in at
+    ]
+    sensitivity = np.exp(np.interp(widths, at, np.log(measured)))
+    return _Choices(name, list(options), np.array(sizes), errors * sensitivity, relative)
 
 
 def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder) -> _Choices:
@@ -380,7 +379,7 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
         rows = row_output_errors(values - reference, stats.hessian)
         return float(weights @ rows)
 
-    sizes, errors, predictions, kept = [], [], [], []
+    sizes, relative, predictions, kept = [], [], [], []
     for option in options:
         try:
             q = quantize_tensor(name, array, dtype, TensorPlan(*option))
@@ -389,7 +388,7 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
         kept.append(option)
         sizes.append(_option_size(name, array, dtype, q, option[1]))
         values = q.values().reshape(array.shape)
-        errors.append(float(((values - reference) ** 2).sum()))
+        relative.append(_channel_error(values, reference))
         predictions.append(predicted(values))
     options = kept
     if not options:
@@ -403,8 +402,8 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
         grow = _option_size(name, array, dtype, q, scheme) / sizes[at]
         predictions[mine] *= min(gain, 1.0)
         sizes[mine] *= grow
-    errors = np.maximum(np.array(errors), 1e-30)
-    return _Choices(name, list(options), np.rint(sizes), np.maximum(predictions, 1e-30), errors)
+    predictions = np.maximum(predictions, 1e-30)
+    return _Choices(name, list(options), np.rint(sizes), predictions, np.array(relative))
 
 
 def _storable(target, option: Option) -> bool:
@@ -418,24 +417,32 @@ def _storable(target, option: Option) -> bool:
     return True
 
 
-def _squared_error(target, option: Option) -> float:
-    """Squared weight error of one tensor quantized with one option (round to nearest)."""
+def _channel_error(values: np.ndarray, reference: np.ndarray) -> float:
+    """The weight error that stands in for a model's: each output channel's squared error
+    relative to its own energy, averaged over channels. Unlike the tensor's total squared
+    error it does not let a grid trade away small channels (which a per-layer grid zeroes)
+    for precision on large ones: the next layer feels every channel."""
+    rows = reference.shape[0] if reference.ndim else 1
+    ref = reference.reshape(rows, -1)
+    diff = values.reshape(rows, -1).astype(np.float64) - ref
+    energy = (ref * ref).sum(axis=1)
+    floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
+    return float(((diff * diff).sum(axis=1) / (energy + floor)).mean())
+
+
+def _reference_error(target, option: Option) -> float:
+    """:func:`_channel_error` of one tensor quantized with one option (round to nearest)."""
     name, array, dtype = target
     q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-    return float(((q.values().reshape(array.shape) - _float64(array, dtype)) ** 2).sum())
+    return _channel_error(q.values().reshape(array.shape), _float64(array, dtype))
 
 
 def _weight_distortion(targets) -> Evaluate:
-    """Relative squared weight error of each replaced tensor, summed (no model)."""
+    """:func:`_channel_error` of each replaced tensor, summed (no model)."""
     reference = {name: _float64(a, d) for name, a, d in targets}
 
     def measure(replaced: Mapping[str, np.ndarray]) -> float:
-        total = 0.0
-        for name, value in replaced.items():
-            ref = reference[name]
-            energy = float(np.mean(ref * ref)) or 1.0
-            total += float(np.mean((value.astype(np.float64) - ref) ** 2)) / energy
-        return total
+        return sum(_channel_error(v, reference[n]) for n, v in replaced.items())
 
     return measure
 
