@@ -66,6 +66,9 @@ OPTION_SCHEMES = ("asymmetric-per-layer", "asymmetric-per-channel")
 # nothing could be saved; there the reference is standard per-layer int8 instead.
 REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
+# Below 8 bits the reference is also N-bit codes in blocks of this many weights (the more
+# accurate of the two): qpack's N-bit is at least as accurate as GGUF's Q4_0 kind at N = 4.
+REFERENCE_BLOCK = 32
 
 Option = tuple[float, str]  # (bits, scheme)
 
@@ -217,6 +220,9 @@ class Allocator:
                 t[0]: _reference(bits) for t in self._targets if _storable(t, _reference(bits))
             }
             target = self.joint(reference, plain=True)
+            if bits < 8 and float(bits).is_integer():  # also blocks of 32, as GGUF's
+                blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
+                target = min(target, self._measure(blocks))
             chosen = self._smallest_within(target)
             if chosen is None:  # the reference's own widths, with better codes
                 chosen = reference
@@ -224,14 +230,18 @@ class Allocator:
         return self._plan(chosen)
 
     def _dominant(self, bits: float) -> dict[str, Option]:
-        """Per tensor, the smallest option whose squared weight error is at most that of
-        the reference; the reference itself where no option is as accurate."""
+        """Per tensor, the smallest option whose weight error is at most that of the
+        reference; the reference itself where no option is as accurate."""
         chosen = {}
         for target, choice in zip(self._targets, self._choices, strict=True):
             option = _reference(bits)
             if not _storable(target, option):
                 continue  # the reference keeps it exact: so does the plan
-            limit = _reference_error(target, option) * (1 + 1e-9)
+            limit = _reference_error(target, option)
+            if bits < 8 and float(bits).is_integer():
+                reference = _float64(target[1], target[2])
+                limit = min(limit, _channel_error(_block_values(reference, bits), reference))
+            limit *= 1 + 1e-9
             fits = [i for i, e in enumerate(choice.error) if e <= limit]
             if fits:
                 option = choice.options[min(fits, key=lambda i: (choice.size[i], i))]
@@ -298,6 +308,26 @@ class Allocator:
 
 def _reference(bits: float) -> Option:
     return (float(bits), TOP_REFERENCE_SCHEME if bits >= 8 else REFERENCE_SCHEME)
+
+
+def _block_values(values: np.ndarray, bits: int) -> np.ndarray:
+    """The other N-bit reference below 8 bits: ``bits``-bit codes in blocks of
+    REFERENCE_BLOCK weights along each row, one float16 scale per block, symmetric around
+    the value of largest magnitude (GGUF's Q4_0 at 4 bits). A short block ends a row whose
+    length is not a multiple of the block."""
+    rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
+    cols = rows.shape[1]
+    padded = np.zeros((rows.shape[0], -(-cols // REFERENCE_BLOCK) * REFERENCE_BLOCK))
+    padded[:, :cols] = rows
+    blocks = padded.reshape(rows.shape[0], -1, REFERENCE_BLOCK)
+    pick = np.abs(blocks).argmax(axis=2)[..., None]
+    peak = np.take_along_axis(blocks, pick, axis=2)
+    half = 1 << (int(bits) - 1)
+    scale = (peak / -half).astype(np.float16).astype(np.float64)
+    safe = np.where(scale == 0, 1.0, scale)
+    codes = np.clip(np.rint(blocks / safe), -half, half - 1)
+    out = (codes * scale).reshape(rows.shape[0], -1)[:, :cols]
+    return out.reshape(values.shape).astype(np.float32)
 
 
 def _option_size(name: str, array: np.ndarray, dtype: str, q, scheme: str) -> int:
