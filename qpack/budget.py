@@ -51,6 +51,8 @@ ANCHORS = (2.0, 4.0, 6.0)
 # Width at which the gain of error-compensating rounding over round-to-nearest is measured
 # (per grid); the gain barely changes with the width, and each measurement is a GPTQ run.
 GAIN_WIDTH = 4.0
+# Forward passes a width query may spend on steps between the path's points.
+REFINE_STEPS = 4
 # Candidates a size query chooses among: this many points of the Lagrangian path, spread
 # evenly in log size, besides every plan a width query returned.
 SIZE_CANDIDATES = 24
@@ -278,7 +280,26 @@ class Allocator:
         while good - bad > 1:  # passes(good), not passes(bad) (or bad = -1)
             mid = (good + bad) // 2
             good, bad = (mid, bad) if passes(mid) else (good, mid)
-        return hull[good][2]
+        return self._refined(dict(hull[good][2]), target)
+
+    def _refined(self, chosen: dict[str, Option], target: float) -> dict[str, Option]:
+        """Smaller plans between the path's points: the path holds only the convex points
+        of the size/distortion trade, so try single-tensor steps down, the cheapest in
+        predicted distortion per byte saved first, keeping each the model confirms."""
+        moves = []
+        for c in self._choices:
+            i = c.options.index(chosen[c.name])
+            for j in np.flatnonzero(c.size < c.size[i]):
+                cost = (c.distortion[j] - c.distortion[i]) / (c.size[i] - c.size[j])
+                moves.append((cost, c.name, c.options[j], c.size[i] - c.size[j]))
+        best = {}  # one step per tensor: its most efficient
+        for cost, name, option, _ in sorted(moves, key=lambda m: (m[0], -m[3])):
+            best.setdefault(name, (cost, name, option))
+        for _, name, option in sorted(best.values(), key=lambda m: m[0])[:REFINE_STEPS]:
+            trial = {**chosen, name: option}
+            if self.joint(trial) <= target:
+                chosen = trial
+        return chosen
 
     def for_size(self, max_size: int) -> dict[str, dict[str, Any]]:
         """The least-distortion plan whose file is at most ``max_size`` bytes, among a
