@@ -31,6 +31,7 @@ __all__ = ["LayerStats", "layer_statistics"]
 CHUNK_ELEMENTS = 16 << 20
 
 _HOOKED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
 
 
 @dataclass
@@ -60,8 +61,10 @@ def layer_statistics(
     add up; a module called several times adds up every call).
 
     Each item of ``inputs`` is a tensor (``model(x)``), a tuple or list (``model(*x)``) or a
-    dict (``model(**x)``). Other layer kinds (ConvTranspose, Embedding, LSTM, ...) and
-    layers that never ran get no entry. ``progress`` is called after each item.
+    dict (``model(**x)``). RNN, GRU and LSTM weights get the statistics of their inputs
+    and of the hidden states before each step. Other layer kinds (ConvTranspose, Embedding,
+    attention's own projections, ...) and layers that never ran get no entry. ``progress``
+    is called after each item.
     """
     names: dict[int, str] = {}
     for name, value in model.state_dict(keep_vars=True).items():
@@ -82,6 +85,10 @@ def layer_statistics(
             if acc.groups != groups:
                 raise ValueError(f"{acc.name} is shared by layers with different groups")
             handles.append(module.register_forward_hook(acc.hook, with_kwargs=True))
+        for module in model.modules():
+            if isinstance(module, _RECURRENT) and not getattr(module, "proj_size", 0):
+                hook = _Recurrent(module, names, accumulators, scratch)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
         model.eval()
         with torch.no_grad():
             for i, item in enumerate(inputs, 1):
@@ -99,6 +106,90 @@ def layer_statistics(
         for m, training in modes:  # per module: a model may hold frozen parts in eval mode
             m.training = training
     return {a.name: a.result() for a in accumulators.values() if a.count}
+
+
+class _Recurrent:
+    """A forward hook feeding the weights of an RNN, GRU or LSTM: ``weight_ih_l{k}`` sees
+    layer k's input at every step, ``weight_hh_l{k}`` the hidden state before every step.
+    The layers are run again one at a time (one direction at a time) to see those; packed
+    sequences and projected LSTMs are not followed (their weights are rounded to nearest).
+    """
+
+    def __init__(self, module: nn.RNNBase, names: dict, accumulators: dict, scratch):
+        self.accumulators = {}
+        for name, param in module.named_parameters(recurse=False):
+            if name.startswith("weight_") and id(param) in names:
+                acc = accumulators.get(id(param))
+                if acc is None:
+                    acc = accumulators[id(param)] = _Accumulator(names[id(param)], 1, scratch)
+                self.accumulators[name] = acc
+
+    def __call__(self, module: nn.RNNBase, args: tuple, kwargs: dict, output) -> None:
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        if not isinstance(x, torch.Tensor):
+            return  # a PackedSequence
+        x = x.detach().float()
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif module.batch_first:
+            x = x.transpose(0, 1)  # (steps, batch, features)
+        if isinstance(hx, tuple):  # an LSTM's (h0, c0)
+            hx = tuple(h if batched else h.unsqueeze(1) for h in hx)
+        elif hx is not None and not batched:
+            hx = hx.unsqueeze(1)
+        directions = 2 if module.bidirectional else 1
+        layer_input = x
+        for k in range(module.num_layers):
+            outputs = []
+            for d in range(directions):
+                suffix = f"l{k}" + ("_reverse" if d else "")
+                h0 = _initial(hx, k * directions + d)
+                seq = layer_input.flip(0) if d else layer_input
+                out = _one_layer(module, suffix, seq, h0)
+                before = torch.cat([_first_state(h0, out), out[:-1]])
+                self._add(f"weight_ih_{suffix}", seq)
+                self._add(f"weight_hh_{suffix}", before)
+                outputs.append(out.flip(0) if d else out)
+            layer_input = torch.cat(outputs, dim=2)
+
+    def _add(self, name: str, rows: torch.Tensor) -> None:
+        acc = self.accumulators.get(name)
+        if acc is not None:
+            acc.cols = rows.shape[-1]
+            acc._add_rows(rows.reshape(-1, rows.shape[-1]))
+
+
+def _initial(hx, index: int):
+    """The initial state of one layer and direction (None: zeros)."""
+    if hx is None:
+        return None
+    if isinstance(hx, tuple):
+        return tuple(h[index : index + 1] for h in hx)
+    return hx[index : index + 1]
+
+
+def _first_state(h0, out: torch.Tensor) -> torch.Tensor:
+    """The hidden state before the first step, shaped (1, batch, hidden)."""
+    if h0 is None:
+        return out.new_zeros((1, *out.shape[1:]))
+    return (h0[0] if isinstance(h0, tuple) else h0).float()
+
+
+def _one_layer(module: nn.RNNBase, suffix: str, seq: torch.Tensor, h0) -> torch.Tensor:
+    """The outputs (steps, batch, hidden) of one layer and direction of ``module``."""
+    single = {"input_size": seq.shape[-1], "hidden_size": module.hidden_size, "num_layers": 1,
+              "bias": module.bias, "batch_first": False}
+    if isinstance(module, nn.RNN):
+        single["nonlinearity"] = module.nonlinearity
+    layer = type(module)(**single).to(seq.device)
+    params = {name.replace("l0", suffix, 1): name for name, _ in layer.named_parameters()}
+    with torch.no_grad():
+        for theirs, ours in params.items():
+            getattr(layer, ours).copy_(getattr(module, theirs))
+        out, _ = layer(seq, h0) if h0 is not None else layer(seq)
+    return out.float()
 
 
 class _Accumulator:

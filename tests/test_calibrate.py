@@ -177,13 +177,16 @@ def test_calls_shared_weights_and_skipped_layers():
     model = TwoInputs()
     a, b = batches((6, 4), count=2)
     tied_input = a + model.embed.weight[0].detach()
-    expected = (a.T @ a + b.T @ b + tied_input.T @ tied_input).double() / 18
+    a, b, tied_input = a.double(), b.double(), tied_input.double()
+    expected = (a.T @ a + b.T @ b + tied_input.T @ tied_input) / 18
+    a, b = a.float(), b.float()
     for item in ((a, b), [a, b], {"a": a, "b": b}):
         stats = layer_statistics(model, [item])
         # one entry, under the weight's first name: both Linears, all three calls
         assert set(stats) == {"lin.weight"}
         assert stats["lin.weight"].count == 18
-        np.testing.assert_allclose(stats["lin.weight"].hessian[0], expected.numpy(), rtol=1e-6)
+        # float32 products summed in float64: a float32 rounding per product
+        np.testing.assert_allclose(stats["lin.weight"].hessian[0], expected.numpy(), rtol=1e-5)
 
 
 def test_restores_modes_and_removes_hooks():
@@ -211,3 +214,54 @@ def test_restores_modes_when_the_model_fails():
     with pytest.raises(RuntimeError):
         layer_statistics(model, [torch.zeros(2, 4)])
     assert model.training and not model[0]._forward_hooks
+
+
+def _mean_outer(rows: torch.Tensor) -> np.ndarray:
+    rows = rows.reshape(-1, rows.shape[-1]).double()
+    return (rows.T @ rows / rows.shape[0]).numpy()
+
+
+@pytest.mark.parametrize("kind", [torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN])
+def test_recurrent_weights_see_their_inputs_and_previous_states(kind):
+    """weight_ih_l{k} multiplies layer k's input at every step and weight_hh_l{k} the
+    hidden state before every step, in each direction: checked against torch's own
+    one-layer bidirectional module for layer 0's outputs."""
+    torch.manual_seed(5)
+    model = kind(5, 7, num_layers=2, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(3, 6, 5)
+    stats = layer_statistics(model, [x])
+    first = kind(5, 7, num_layers=1, bidirectional=True, batch_first=True).eval()
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            param.copy_(getattr(model, name))
+        out = first(x)[0]  # (batch, steps, 2 * hidden): layer 1's input
+    forward, backward = out[..., :7], out[..., 7:]
+    zeros = torch.zeros(3, 1, 7)
+    expected = {
+        "weight_ih_l0": _mean_outer(x),
+        "weight_ih_l0_reverse": _mean_outer(x),
+        "weight_hh_l0": _mean_outer(torch.cat([zeros, forward[:, :-1]], dim=1)),
+        "weight_hh_l0_reverse": _mean_outer(torch.cat([backward[:, 1:], zeros], dim=1)),
+        "weight_ih_l1": _mean_outer(out),
+    }
+    for name, want in expected.items():
+        assert stats[name].count == 18
+        np.testing.assert_allclose(stats[name].hessian[0], want, rtol=1e-4, atol=1e-6)
+    assert "weight_hh_l1_reverse" in stats and "bias_ih_l0" not in stats
+
+
+def test_packed_sequences_and_projections_are_left_to_nearest_rounding():
+    lstm = torch.nn.LSTM(4, 6, proj_size=3).eval()
+    assert layer_statistics(lstm, [torch.randn(5, 2, 4)]) == {}
+    gru = torch.nn.GRU(4, 6).eval()
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = gru
+
+        def forward(self, x):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3], enforce_sorted=True)
+            return self.gru(packed)[1]
+
+    assert layer_statistics(Packed(), [torch.randn(5, 2, 4)]) == {}

@@ -154,15 +154,17 @@ def test_max_size_is_monotone_and_never_loses_to_a_fitting_plan(tmp_path, model,
         allocator.for_size(100)
 
 
-def test_layers_the_hooks_cannot_see_fall_back_to_nearest(tmp_path):
+def test_recurrent_layers_are_rounded_with_compensation_others_fall_back(tmp_path):
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()
             self.rnn = nn.LSTM(6, 16, batch_first=True)
-            self.head = nn.Linear(16, 4)
+            self.up = nn.ConvTranspose1d(16, 8, 3)
+            self.head = nn.Linear(8 * 3, 4)
 
         def forward(self, x):
-            return self.head(self.rnn(x.transpose(1, 2))[0][:, -1])
+            h = self.rnn(x.transpose(1, 2))[0][:, -1]
+            return self.head(self.up(h.unsqueeze(-1)).flatten(1))
 
     torch.manual_seed(3)
     model = Recurrent().eval()
@@ -170,7 +172,8 @@ def test_layers_the_hooks_cannot_see_fall_back_to_nearest(tmp_path):
     planned = planner.plan(bits=4)
     rounding = planned.options["rounding"]
     assert rounding["head.weight"] == "gptq"
-    assert rounding["rnn.weight_ih_l0"] == rounding["rnn.weight_hh_l0"] == "nearest"
+    assert rounding["rnn.weight_ih_l0"] == rounding["rnn.weight_hh_l0"] == "gptq"
+    assert rounding["up.weight"] == "nearest"  # no hook sees a transposed conv's inputs
     _save(model.state_dict(), tmp_path / "r.qpk", planned=planned)
     assert set(qpack.load(tmp_path / "r.qpk")) == set(model.state_dict())
 
