@@ -16,7 +16,7 @@ additive. The distortion is predicted as follows:
   round-to-nearest measured on one width per grid; no forward pass;
 - another tensor, with a model: its squared weight error times its sensitivity, measured
   with the model at three anchor widths;
-- without a model: its relative squared weight error.
+- without a model: its weight error, each output channel's relative to its energy.
 
 With a model the plan is then checked against the model's real output error on the
 calibration inputs (``evaluate``) and corrected, a few forward passes in all.
@@ -68,8 +68,10 @@ OPTION_SCHEMES = ("asymmetric-per-layer", "asymmetric-per-channel")
 # nothing could be saved; there the reference is standard per-layer int8 instead.
 REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
-# Below 8 bits the reference is also N-bit codes in blocks of this many weights (the more
-# accurate of the two): qpack's N-bit is at least as accurate as GGUF's Q4_0 kind at N = 4.
+# Below 8 bits and with a model, the reference is also N-bit codes in blocks of this many
+# weights (the more accurate of the two): then qpack's 4-bit is at least as accurate on the
+# calibration data as GGUF's Q4_0 kind. (Per tensor, without a model, that finer reference
+# would cost more than blocks' own scales; per-group grids in the format would close it.)
 REFERENCE_BLOCK = 32
 
 Option = tuple[float, str]  # (bits, scheme)
@@ -124,14 +126,17 @@ class Allocator:
 
     ``stats`` (layer input statistics) and ``sensitivity`` (per-channel output weights)
     let a layer's distortion be predicted in closed form, and make its codes
-    error-compensating; ``evaluate`` is the model's real distortion; tensors named in
-    ``raw`` are kept exact."""
+    error-compensating; ``evaluate`` is the model's real distortion (additive across
+    layers, e.g. a mean squared output change), ``check`` (default: ``evaluate``) the error
+    plans are held to (e.g. a mean absolute output change); tensors named in ``raw`` are
+    kept exact."""
 
     def __init__(
         self,
         state_dict: Mapping[str, Any],
         *,
         evaluate: Evaluate | None = None,
+        check: Evaluate | None = None,
         stats: Mapping[str, Any] | None = None,
         sensitivity: Mapping[str, np.ndarray] | None = None,
         schemes: tuple[str, ...] = OPTION_SCHEMES,
@@ -144,6 +149,7 @@ class Allocator:
         ]
         self._weight_error = evaluate is None
         self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
+        self._measure = check or self._measure  # what plans are checked against
         names = {name for name, _, _ in self._targets}
         # layer statistics: error-compensating rounding, and layer errors in closed form
         self.stats = {k: v for k, v in (stats or {}).items() if k in names}
@@ -240,9 +246,6 @@ class Allocator:
             if not _storable(target, option):
                 continue  # the reference keeps it exact: so does the plan
             limit = _reference_error(target, option)
-            if bits < 8 and float(bits).is_integer():
-                reference = _float64(target[1], target[2])
-                limit = min(limit, _channel_error(_block_values(reference, bits), reference))
             limit *= 1 + 1e-9
             fits = [i for i, e in enumerate(choice.error) if e <= limit]
             if fits:

@@ -85,6 +85,16 @@ class Evaluator:
         return outs
 
     def __call__(self, replaced: Mapping[str, np.ndarray]) -> float:
+        """The mean squared output change (adds up across layers: what the allocator's
+        predictions use)."""
+        return self._compare(replaced, squared=True)
+
+    def mean_abs(self, replaced: Mapping[str, np.ndarray]) -> float:
+        """The mean absolute output change (what plans are checked against: the error users
+        read, e.g. mean |p - p_float|)."""
+        return self._compare(replaced, squared=False)
+
+    def _compare(self, replaced: Mapping[str, np.ndarray], squared: bool) -> float:
         saved = {}
         self.calls += 1
         with torch.no_grad():
@@ -101,5 +111,6 @@ class Evaluator:
         if len(outs) != len(self.reference):
             raise E.EncodeError("the model's outputs change shape between calls")
         pairs = zip(outs, self.reference, strict=True)
-        total = sum(float(((o - r).abs() ** 2).sum()) for o, r in pairs)
+        power = 2 if squared else 1
+        total = sum(float(((o - r).abs() ** power).sum()) for o, r in pairs)
         return total / self.count

@@ -118,6 +118,7 @@ class Planner:
                     lambda: Allocator(
                         self.state,
                         evaluate=evaluate,
+                        check=evaluate.mean_abs if evaluate is not None else None,
                         stats=self.stats,
                         sensitivity=sensitivity,
                         progress=self.note,
@@ -223,6 +224,7 @@ class Planner:
             lambda: Allocator(
                 self.state,
                 evaluate=evaluate,
+                check=evaluate.mean_abs if evaluate is not None else None,
                 stats=stats,
                 sensitivity=sensitivity if stats else {},
                 raw=set(raw),

@@ -74,9 +74,9 @@ def calibration() -> list[torch.Tensor]:
 
 
 def _error(model, calibration, path) -> float:
-    """The model's mean squared output change on the calibration inputs with ``path``."""
+    """The model's mean absolute output change on the calibration inputs with ``path``."""
     evaluate = Evaluator(model, calibration)
-    return evaluate({k: v.numpy() for k, v in qpack.load(path).items()})
+    return evaluate.mean_abs({k: v.numpy() for k, v in qpack.load(path).items()})
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -192,3 +192,20 @@ def test_plans_are_deterministic(tmp_path, model, calibration):
     for name in ("a.qpk", "b.qpk"):
         qpack.save(model, tmp_path / name, bits=4, calibration=calibration)
     assert (tmp_path / "a.qpk").read_bytes() == (tmp_path / "b.qpk").read_bytes()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_below_8_bits_the_reference_includes_blocks_of_32(tmp_path, model, calibration, bits):
+    """With a model, N-bit is also held to N-bit codes in blocks of 32 with a float16 scale
+    each (GGUF's Q4_0 kind), the finer reference on wide rows."""
+    from qpack.budget import _block_values
+
+    ours = tmp_path / "ours.qpk"
+    qpack.save(model, ours, bits=bits, calibration=calibration)
+    blocks = {
+        n: _block_values(w.double().numpy(), bits)
+        for n, w in model.state_dict().items()
+        if w.ndim >= 2
+    }
+    reference = Evaluator(model, calibration).mean_abs(blocks)
+    assert _error(model, calibration, ours) <= reference * (1 + 1e-9)
