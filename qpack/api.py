@@ -72,13 +72,15 @@ def _save(
     metadata=None,
     progress=None,
     note=None,
+    bar=None,
     write=None,
     postprocess=None,
     planned=None,
     **request,
 ) -> Planned:
     """:func:`save`, reporting each tensor's element count to ``progress`` when encoded and
-    each planning phase to ``note``; ``write`` passes ``overwrite``/``inputs`` on to
+    each planning phase to ``note`` (and long steps to ``bar(total, what)``, a context
+    manager yielding ``update(n)``); ``write`` passes ``overwrite``/``inputs`` on to
     :func:`qpack.atomic.write_atomic`; ``planned`` (a :class:`~qpack.planner.Planned`)
     skips planning; ``raw`` (in ``request``) names tensors to keep exact. Returns what was
     planned."""
@@ -93,7 +95,7 @@ def _save(
     try:
         if planned is None:
             planned = plan_save(obj, model=model, postprocess=postprocess, progress=note,
-                                **request)
+                                bar=bar, **request)
         items, plan, planned = plan_items(obj, planned, entropy=request.get("entropy", True))
         write_file(path, items, plan, metadata, rounder=planned.rounder, progress=progress,
                    **(write or {}))

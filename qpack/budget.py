@@ -24,6 +24,7 @@ calibration inputs (``evaluate``) and corrected, a few forward passes in all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ class Allocator:
         schemes: tuple[str, ...] = OPTION_SCHEMES,
         raw: Collection[str] = (),
         progress: Callable[[str], None] | None = None,
+        bar: Callable[[int, str], Any] | None = None,
     ):
         self._items = as_items(state_dict)  # torch tensors or numpy arrays, as save() takes
         self._targets = [
@@ -163,12 +165,17 @@ class Allocator:
             name = target[0]
             if name in self.stats and name in sensitivity:
                 layer = self.stats[name], sensitivity[name]
-                return _predict(target, options, *layer, self.rounder)
-            return _measure(target, options, evaluate)
+                choices = _predict(target, options, *layer, self.rounder)
+            else:
+                choices = _measure(target, options, evaluate)
+            tick(1)
+            return choices
 
         # Tensors are measured on threads when no model runs; a model evaluator runs torch,
         # which already uses every core.
-        choices = list(ordered_map(measure, self._targets, 1 if evaluate is not None else None))
+        with (bar or _quiet)(len(self._targets), "measuring tensors") as tick:
+            workers = 1 if evaluate is not None else None
+            choices = list(ordered_map(measure, self._targets, workers))
         # a tensor no option can store (values near the float32 limit) stays exact
         self._targets = [t for t, c in zip(self._targets, choices, strict=True) if c.options]
         self._choices = [c for c in choices if c.options]
@@ -328,6 +335,11 @@ class Allocator:
         marks = np.linspace(sizes[0], sizes[-1], SIZE_CANDIDATES)
         picked = sorted({int(np.searchsorted(sizes, m)) for m in marks} | {len(hull) - 1})
         return [hull[min(i, len(hull) - 1)][2] for i in picked] + list(self._answers)
+
+
+@contextlib.contextmanager
+def _quiet(total: int, what: str):
+    yield lambda _n=1: None
 
 
 def _reference(bits: float) -> Option:

@@ -57,6 +57,7 @@ class Planner:
         calibration: Iterable[Any] | None = None,
         postprocess: Callable | None = None,
         progress: Callable[[str], None] | None = None,
+        bar: Callable[[int, str], Any] | None = None,
     ):
         if calibration is not None and model is None:
             raise E.EncodeError(
@@ -67,6 +68,8 @@ class Planner:
         self.calibration = list(calibration) if calibration is not None else None
         self.postprocess = postprocess
         self.note = progress or (lambda _msg: None)
+        # bar(total, what): a context manager yielding update(n) for a long step
+        self.bar = bar or _no_bar
         self.timings: dict[str, float] = {}
         self._stats: dict | None = None
         self._measured: tuple | None = None
@@ -80,10 +83,13 @@ class Planner:
             if self.model is not None:
                 from .calibrate import layer_statistics
 
-                self.note(f"calibrating: layer inputs on {len(self.calibration)} batches")
-                with self._timed("statistics"):
+                count = len(self.calibration)
+                self.note(f"calibrating: layer inputs on {_batches(count)}")
+                with self._timed("statistics"), self.bar(count, "calibrating") as tick:
                     self._stats = _run_model(
-                        lambda: layer_statistics(self.model, self.calibration)
+                        lambda: layer_statistics(
+                            self.model, self.calibration, progress=lambda _m: tick(1)
+                        )
                     )
         return self._stats
 
@@ -97,7 +103,7 @@ class Planner:
                 from .sensitivity import output_sensitivity
 
                 probe = _first_examples(self.calibration, EVAL_EXAMPLES)
-                self.note(f"measuring output sensitivities on {len(probe)} batches")
+                self.note(f"measuring output sensitivities on {_batches(len(probe))}")
                 with self._timed("sensitivity"):
                     model, post = self.model, self.postprocess
                     evaluate = _run_model(lambda: Evaluator(model, probe, post))
@@ -122,6 +128,7 @@ class Planner:
                         stats=self.stats,
                         sensitivity=sensitivity,
                         progress=self.note,
+                        bar=self.bar,
                     )
                 )
         return self._allocator
@@ -229,6 +236,7 @@ class Planner:
                 sensitivity=sensitivity if stats else {},
                 raw=set(raw),
                 progress=self.note,
+                bar=self.bar,
             )
         )
 
@@ -240,11 +248,13 @@ def plan_save(
     calibration: Iterable[Any] | None = None,
     postprocess: Callable | None = None,
     progress: Callable[[str], None] | None = None,
+    bar: Callable[[int, str], Any] | None = None,
     **request: Any,
 ) -> Planned:
     """One plan for one state (see the module's documentation and :meth:`Planner.plan`)."""
     planner = Planner(
-        state, model=model, calibration=calibration, postprocess=postprocess, progress=progress
+        state, model=model, calibration=calibration, postprocess=postprocess,
+        progress=progress, bar=bar,
     )
     return planner.plan(**request)
 
@@ -303,3 +313,12 @@ def _examples(batch: Any) -> int:
     if isinstance(batch, (tuple, list)) and batch:
         return _examples(batch[0])
     return 1
+
+
+@contextlib.contextmanager
+def _no_bar(total: int, what: str):
+    yield lambda _n=1: None
+
+
+def _batches(count: int) -> str:
+    return f"{count} batch" + ("" if count == 1 else "es")

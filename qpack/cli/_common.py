@@ -101,6 +101,19 @@ def progress_bar(total: int, what: str) -> Iterator[Callable[[int], object] | No
         yield bar.update
 
 
+@contextlib.contextmanager
+def step_bar(total: int, what: str) -> Iterator[Callable[[int], object]]:
+    """A tqdm bar on stderr for a planning step of ``total`` items, shown on a terminal once
+    the step has run 2 s; yields its ``update`` (a no-op without a terminal)."""
+    if not sys.stderr.isatty():
+        yield lambda _n=1: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=what, delay=2, leave=False) as bar:
+        yield bar.update
+
+
 def file_size(path: str) -> int:
     """An output's size (0 for a device or FIFO written through)."""
     st = os.stat(path)

@@ -25,6 +25,7 @@ from ._common import (
     file_size,
     output_format,
     progress_bar,
+    step_bar,
     width_arg,
     write_options,
 )
@@ -173,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 metadata=metadata,
                 progress=progress,
                 note=note,
+                bar=step_bar,
                 write=write_options(args),
                 **request,
             )
@@ -220,7 +222,8 @@ def _raw_names(state: Mapping[str, Any], patterns: list[str]) -> list[str]:
 
 
 def _note(stream):
-    """Print a line per planning phase on a terminal."""
+    """On a terminal, print a line per planning phase (long steps also get a bar); nothing
+    otherwise, so that a failing command's stderr is its one error line."""
 
     def note(message: str) -> None:
         if stream.isatty():
