@@ -52,6 +52,9 @@ ANCHORS = (2.0, 4.0, 6.0)
 # Width at which the gain of error-compensating rounding over round-to-nearest is measured
 # (per grid); the gain barely changes with the width, and each measurement is a GPTQ run.
 GAIN_WIDTH = 4.0
+# A width query searches many plans on the same calibration inputs, so the one it keeps
+# fits them better than unseen data: it is held this far below the reference there.
+MARGIN = 0.9
 # Forward passes a width query may spend on steps between the path's points.
 REFINE_STEPS = 4
 # Candidates a size query chooses among: this many points of the Lagrangian path, spread
@@ -71,7 +74,7 @@ REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
 # Below 8 bits and with a model, the reference is also N-bit codes in blocks of this many
 # weights (the more accurate of the two): then qpack's 4-bit is at least as accurate on the
-# calibration data as GGUF's Q4_0 kind. (Per tensor, without a model, that finer reference
+# calibration data as the model's GGUF Q4_0 file. (Per tensor, without a model, that finer reference
 # would cost more than blocks' own scales; per-group grids in the format would close it.)
 REFERENCE_BLOCK = 32
 
@@ -238,7 +241,7 @@ class Allocator:
             if bits < 8 and float(bits).is_integer():  # also blocks of 32, as GGUF's
                 blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
                 target = min(target, self._measure(blocks))
-            chosen = self._smallest_within(target)
+            chosen = self._smallest_within(target * MARGIN)
             if chosen is None:  # the reference's own widths, with better codes
                 chosen = reference
         self._answers.append(chosen)
@@ -349,10 +352,12 @@ def _reference(bits: float) -> Option:
 def _block_values(values: np.ndarray, bits: int) -> np.ndarray:
     """The other N-bit reference below 8 bits: ``bits``-bit codes in blocks of
     REFERENCE_BLOCK weights along each row, one float16 scale per block, symmetric around
-    the value of largest magnitude (GGUF's Q4_0 at 4 bits). A short block ends a row whose
-    length is not a multiple of the block."""
+    the value of largest magnitude: GGUF's Q4_0 at 4 bits, as its writer stores a model,
+    which keeps a tensor whose rows are not a multiple of the block in float16."""
     rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
     cols = rows.shape[1]
+    if cols % REFERENCE_BLOCK:
+        return values.astype(np.float16).astype(np.float32)
     padded = np.zeros((rows.shape[0], -(-cols // REFERENCE_BLOCK) * REFERENCE_BLOCK))
     padded[:, :cols] = rows
     blocks = padded.reshape(rows.shape[0], -1, REFERENCE_BLOCK)

@@ -197,7 +197,8 @@ def test_plans_are_deterministic(tmp_path, model, calibration):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_below_8_bits_the_reference_includes_blocks_of_32(tmp_path, model, calibration, bits):
     """With a model, N-bit is also held to N-bit codes in blocks of 32 with a float16 scale
-    each (GGUF's Q4_0 kind), the finer reference on wide rows."""
+    each (GGUF's Q4_0 kind; float16 where rows are not a multiple of 32, as GGUF stores
+    them), the finer reference on wide rows."""
     from qpack.budget import _block_values
 
     ours = tmp_path / "ours.qpk"
@@ -209,3 +210,19 @@ def test_below_8_bits_the_reference_includes_blocks_of_32(tmp_path, model, calib
     }
     reference = Evaluator(model, calibration).mean_abs(blocks)
     assert _error(model, calibration, ours) <= reference * (1 + 1e-9)
+
+
+def test_the_block_reference_is_what_gguf_writes_for_q4_0():
+    gguf = pytest.importorskip("gguf")
+    from gguf import quants
+
+    from qpack.budget import _block_values
+
+    rng = np.random.default_rng(7)
+    wide = rng.standard_t(4, size=(6, 96)).astype(np.float32)
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    want = quants.dequantize(quants.quantize(wide, q4_0), q4_0)
+    np.testing.assert_array_equal(_block_values(wide.astype(np.float64), 4), want)
+    odd = rng.normal(size=(4, 3, 3)).astype(np.float32)  # 9 per row: GGUF keeps float16
+    np.testing.assert_array_equal(_block_values(odd.astype(np.float64), 4),
+                                  odd.astype(np.float16).astype(np.float32))
