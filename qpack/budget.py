@@ -74,8 +74,9 @@ REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
 # Below 8 bits and with a model, the reference is also N-bit codes in blocks of this many
 # weights (the more accurate of the two): then qpack's 4-bit is at least as accurate on the
-# calibration data as the model's GGUF Q4_0 file. (Per tensor, without a model, that finer reference
-# would cost more than blocks' own scales; per-group grids in the format would close it.)
+# calibration data as Q4_0's blocks would be on every tensor. (Per tensor, without a model,
+# that finer reference would cost more than blocks' own scales; per-group grids in the
+# format would close it.)
 REFERENCE_BLOCK = 32
 
 Option = tuple[float, str]  # (bits, scheme)
@@ -217,11 +218,11 @@ class Allocator:
             self._sizes[key] = sum(len(c) for c in chunks)
         return self._sizes[key]
 
-    def _plan(self, chosen: Mapping[str, Option]) -> dict[str, dict[str, Any]]:
+    def _plan(self, chosen: Mapping[str, Option], plain: bool = False) -> dict[str, dict]:
         return {
             "bits": {n: chosen[n][0] if n in chosen else None for n, _, _ in self._items},
             "scheme": {n: s for n, (_, s) in chosen.items()},
-            "rounding": {n: self.rounding(n) for n in chosen},
+            "rounding": {n: "nearest" if plain else self.rounding(n) for n in chosen},
         }
 
     def for_bits(self, bits: float) -> dict[str, dict[str, Any]]:
@@ -242,8 +243,8 @@ class Allocator:
                 blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
                 target = min(target, self._measure(blocks))
             chosen = self._smallest_within(target * MARGIN)
-            if chosen is None:  # the reference's own widths, with better codes
-                chosen = reference
+            if chosen is None:  # nothing considered is as accurate: the reference itself
+                return self._plan(reference, plain=True)
         self._answers.append(chosen)
         return self._plan(chosen)
 
@@ -352,12 +353,11 @@ def _reference(bits: float) -> Option:
 def _block_values(values: np.ndarray, bits: int) -> np.ndarray:
     """The other N-bit reference below 8 bits: ``bits``-bit codes in blocks of
     REFERENCE_BLOCK weights along each row, one float16 scale per block, symmetric around
-    the value of largest magnitude: GGUF's Q4_0 at 4 bits, as its writer stores a model,
-    which keeps a tensor whose rows are not a multiple of the block in float16."""
+    the value of largest magnitude (GGUF's Q4_0 at 4 bits). A short block ends a row whose
+    length is not a multiple of the block (GGUF keeps such a tensor in float16 instead,
+    which is not a 4-bit reference)."""
     rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
     cols = rows.shape[1]
-    if cols % REFERENCE_BLOCK:
-        return values.astype(np.float16).astype(np.float32)
     padded = np.zeros((rows.shape[0], -(-cols // REFERENCE_BLOCK) * REFERENCE_BLOCK))
     padded[:, :cols] = rows
     blocks = padded.reshape(rows.shape[0], -1, REFERENCE_BLOCK)
