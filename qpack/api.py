@@ -44,9 +44,10 @@ def save(
     that no tensor's weight error exceeds that of N-bit round-to-nearest quantization with
     one scale per output channel (standard per-layer int8 at 8 bits); given a model and
     ``calibration`` inputs (an iterable of batches: tensors, tuples or dicts, called as
-    ``model(x)``, ``model(*x)``, ``model(**x)``), it is the model's output error on them
-    that is held, and codes are chosen by error-compensating rounding (GPTQ) wherever a
-    Linear or Conv layer's inputs are seen. ``max_size`` asks instead for the least error
+    ``model(x)``, ``model(*x)``, ``model(**x)``), it is the model's mean output error that
+    is held (on every other batch; the rest fit the rounding), and codes are chosen by
+    error-compensating rounding (GPTQ) wherever a Linear, Conv, RNN, GRU or LSTM layer's
+    inputs are seen. ``max_size`` asks instead for the least error
     within that many bytes. ``uniform=True`` (or ``entropy=False``) writes exactly ``bits``
     bits everywhere with ``scheme``; ``bits`` may also map names to widths (``None`` keeps
     a tensor exact; names it leaves out follow the rule above at 8 bits), and ``scheme``

@@ -4,10 +4,11 @@ rounder that carries out its error-compensating rounding.
 ``bits=N`` (one number) asks for the accuracy of N-bit quantization in the smallest file:
 qpack chooses every tensor's width and grid (:mod:`qpack.budget`). Its reference is
 round-to-nearest N-bit quantization with one scale per output channel (at 8 bits, standard
-per-layer int8). With a model and calibration inputs, accuracy is the model's output error
-on those inputs and codes are chosen by error-compensating rounding (:mod:`qpack.gptq`)
-wherever a layer's inputs are seen (:mod:`qpack.calibrate`); without them, every tensor's
-own weight error is held to its reference's. ``uniform=True`` (or ``entropy=False``, or
+per-layer int8). With a model and calibration inputs, accuracy is the model's mean output
+error on those inputs and codes are chosen by error-compensating rounding
+(:mod:`qpack.gptq`) wherever a layer's inputs are seen (:mod:`qpack.calibrate`): the
+rounding is fitted to every other calibration batch and plans are checked on the others.
+Without them, every tensor's own weight error is held to its reference's. ``uniform=True`` (or ``entropy=False``, or
 naming a ``scheme``) asks for exactly N bits everywhere instead, ``max_size`` for the least
 error within a size, and a mapping ``bits={name: N}`` spells the plan out.
 """
@@ -66,6 +67,12 @@ class Planner:
         self.state = state
         self.model = model if calibration is not None else None
         self.calibration = list(calibration) if calibration is not None else None
+        # Rounding is fitted to one half of the batches and plans are checked on the other:
+        # error-compensating codes fit the inputs they were computed from (a recurrent
+        # model's by 1.8x), which a check on those same inputs would not see.
+        batches = self.calibration or []
+        self._fit = batches[0::2] if len(batches) > 1 else batches
+        self._check = batches[1::2] if len(batches) > 1 else batches
         self.postprocess = postprocess
         self.note = progress or (lambda _msg: None)
         # bar(total, what): a context manager yielding update(n) for a long step
@@ -83,12 +90,12 @@ class Planner:
             if self.model is not None:
                 from .calibrate import layer_statistics
 
-                count = len(self.calibration)
+                count = len(self._fit)
                 self.note(f"calibrating: layer inputs on {_batches(count)}")
                 with self._timed("statistics"), self.bar(count, "calibrating") as tick:
                     self._stats = _run_model(
                         lambda: layer_statistics(
-                            self.model, self.calibration, progress=lambda _m: tick(1)
+                            self.model, self._fit, progress=lambda _m: tick(1)
                         )
                     )
         return self._stats
@@ -102,14 +109,15 @@ class Planner:
                 from .measure import Evaluator
                 from .sensitivity import output_sensitivity
 
-                probe = _first_examples(self.calibration, EVAL_EXAMPLES)
-                self.note(f"measuring output sensitivities on {_batches(len(probe))}")
+                probe = _first_examples(self._check, EVAL_EXAMPLES)
+                fit = _first_examples(self._fit, EVAL_EXAMPLES)
+                self.note(f"measuring output sensitivities on {_batches(len(fit))}")
                 with self._timed("sensitivity"):
                     model, post = self.model, self.postprocess
                     evaluate = _run_model(lambda: Evaluator(model, probe, post))
                     sensitivity = {}
                     if self.stats:
-                        sensitivity = _run_model(lambda: output_sensitivity(model, probe, post))
+                        sensitivity = _run_model(lambda: output_sensitivity(model, fit, post))
                 self._measured = (evaluate, sensitivity)
         return self._measured
 

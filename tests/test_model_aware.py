@@ -74,8 +74,9 @@ def calibration() -> list[torch.Tensor]:
 
 
 def _error(model, calibration, path) -> float:
-    """The model's mean absolute output change on the calibration inputs with ``path``."""
-    evaluate = Evaluator(model, calibration)
+    """The model's mean absolute output change with ``path`` on the calibration batches
+    plans are checked on (every other one: the rest fit the rounding)."""
+    evaluate = Evaluator(model, calibration[1::2])
     return evaluate.mean_abs({k: v.numpy() for k, v in qpack.load(path).items()})
 
 
@@ -207,7 +208,7 @@ def test_below_8_bits_the_reference_includes_blocks_of_32(tmp_path, model, calib
         for n, w in model.state_dict().items()
         if w.ndim >= 2
     }
-    reference = Evaluator(model, calibration).mean_abs(blocks)
+    reference = Evaluator(model, calibration[1::2]).mean_abs(blocks)
     assert _error(model, calibration, ours) <= reference * (1 + 1e-9)
 
 

@@ -261,7 +261,7 @@ def _model(state: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]
         from ..demo.synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, make_patches
 
         inputs = torch.from_numpy(make_patches(CALIBRATION_PATCHES, CALIBRATION_SEED)[0])
-        batches = list(inputs.split(64))
+        batches = list(inputs.split(16))
     else:
         from ..inputs import read_calibration
 

@@ -192,7 +192,7 @@ def run_demo(
                 planner = Planner(
                     state,
                     model=build_model(state, checkpoint),
-                    calibration=torch.from_numpy(calibration).split(batch_size),
+                    calibration=torch.from_numpy(calibration).split(16),
                     postprocess=torch.sigmoid,
                 )
             for b in bits:
