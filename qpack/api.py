@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import errors as E
+from .container import RAW
 from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, BitsOption, RoundingOption, SchemeOption
 from .planner import Planned, plan_items, plan_save
 from .reader import Reader, describe
@@ -60,13 +61,13 @@ def save(
         >>> qpack.save(model.state_dict(), "model.qpk", bits=4)
         >>> qpack.save(model, "model.qpk", bits=4, calibration=[x[:64] for x in batches])
     """
-    _save(
+    pack(
         obj, path, bits=bits, max_size=max_size, scheme=scheme, rounding=rounding,
         uniform=uniform, entropy=entropy, calibration=calibration, metadata=metadata,
     )
 
 
-def _save(
+def pack(
     obj,
     path,
     *,
@@ -79,7 +80,8 @@ def _save(
     planned=None,
     **request,
 ) -> Planned:
-    """:func:`save`, reporting each tensor's element count to ``progress`` when encoded and
+    """The pack pipeline behind :func:`save` and ``qpack pack``: plan, quantize, encode,
+    write. As :func:`save`, reporting each tensor's element count to ``progress`` when encoded and
     each planning phase to ``note`` (and long steps to ``bar(total, what)``, a context
     manager yielding ``update(n)``); ``write`` passes ``overwrite``/``inputs`` on to
     :func:`qpack.atomic.write_atomic`; ``planned`` (a :class:`~qpack.planner.Planned`)
@@ -120,12 +122,16 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict
     packed bytes are moved there and decoded by torch ops on the device, bit-identical to
     the CPU decoder. Raises a :class:`qpack.QpackError` subclass for any bad file. Every
     checksum, padding bit and alignment byte of the file is checked.
+
+    Example:
+        >>> state = qpack.load("model.qpk")
+        >>> model.load_state_dict(state)
     """
     with Reader(path) as reader:
-        return _load(reader, device)
+        return read_state(reader, device)
 
 
-def _load(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor]:
+def read_state(reader: Reader, device="cpu", progress=None) -> dict[str, torch.Tensor]:
     """:func:`load` from an open reader, reporting each tensor's element count to
     ``progress`` when decoded."""
     if _on_cpu(device):
@@ -174,7 +180,7 @@ def _torch_out(entry) -> tuple[torch.Tensor, np.ndarray]:
     bit patterns)."""
     import torch
 
-    quantized = entry.storage != "raw"
+    quantized = entry.storage != RAW
     tensor = torch.empty(entry.shape, dtype=torch.float32 if quantized else _dtype(entry))
     if entry.dtype == "bfloat16" and not quantized:
         return tensor, tensor.view(torch.int16).numpy().view(np.uint16).reshape(-1)
@@ -313,6 +319,11 @@ def inspect(path: str | os.PathLike, *, stats: bool = False) -> dict:
     dtype, storage, bits, scheme, byte count, bits per weight, offset and checksum.
 
     Reads only the header, unless ``stats`` asks for each quantized tensor's empirical
-    entropy bound (``entropy_bytes``), which reads and checks its codes."""
+    entropy bound (``entropy_bytes``), which reads and checks its codes.
+
+    Example:
+        >>> info = qpack.inspect("model.qpk")
+        >>> [(t["name"], t["bits"], t["bytes"]) for t in info["tensors"]]
+    """
     with Reader(path) as reader:
         return describe(reader, stats=stats)

@@ -25,7 +25,7 @@ from . import errors as E
 SPARSE_MIN = 1 << 20  # smallest all-zero piece left as a hole; smaller ones are not worth a seek
 # Bytes written at a time: large enough for full-speed I/O, small enough that checking a
 # piece for zeros stays cheap and that holes are found inside large chunks too.
-CHUNK = 1 << 24
+WRITE_CHUNK = 1 << 24
 
 _MAX_HOPS = 40  # symlinks followed before giving up, as Linux does (ELOOP)
 _O_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
@@ -325,7 +325,7 @@ def _byte_view(chunk: Any) -> memoryview:
 
 
 def _write_chunks(out: Any, chunks: Iterable[Chunk], *, seekable: bool) -> None:
-    """Write ``chunks`` to ``out`` in pieces of at most :data:`CHUNK` bytes; on a regular
+    """Write ``chunks`` to ``out`` in pieces of at most :data:`WRITE_CHUNK` bytes; on a regular
     file, all-zero pieces of at least :data:`SPARSE_MIN` bytes are seeked over (holes)."""
     for chunk in chunks:
         copy_to = getattr(chunk, "copy_to", None)
@@ -333,8 +333,8 @@ def _write_chunks(out: Any, chunks: Iterable[Chunk], *, seekable: bool) -> None:
             copy_to(out)
             continue
         view = _byte_view(chunk)
-        for start in range(0, len(view), CHUNK):
-            piece = view[start : start + CHUNK]
+        for start in range(0, len(view), WRITE_CHUNK):
+            piece = view[start : start + WRITE_CHUNK]
             if seekable and len(piece) >= SPARSE_MIN and not np.frombuffer(piece, np.uint8).any():
                 out.seek(len(piece), os.SEEK_CUR)  # reads back as zeros
             else:

@@ -102,7 +102,12 @@ def _by_groups(kernel, src: np.ndarray, src_per: int, dst: np.ndarray, dst_per: 
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integer codes (each < 2**bits) into a uint8 array of packed bytes."""
+    """Pack unsigned integer codes (each < 2**bits) into a uint8 array of packed bytes.
+
+    Example:
+        >>> qpack.pack_codes(np.array([1, 2, 3], np.uint8), 2).tobytes()
+        b'9'
+    """
     _check_bits(bits)
     flat = np.asarray(codes).reshape(-1)
     if flat.size and (int(flat.max()) >> bits or (flat.dtype.kind == "i" and flat.min() < 0)):
@@ -132,7 +137,12 @@ def unpack_codes(
     data: bytes | memoryview | np.ndarray, bits: int, count: int, out: np.ndarray | None = None
 ) -> np.ndarray:
     """Unpack ``count`` codes of ``bits`` bits from packed bytes into a uint8 array (``out``
-    when given: a writable uint8 array of ``count`` elements)."""
+    when given: a writable uint8 array of ``count`` elements).
+
+    Example:
+        >>> qpack.unpack_codes(b"9", 2, 3)
+        array([1, 2, 3], dtype=uint8)
+    """
     _check_bits(bits)
     buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     need = packed_size(count, bits)

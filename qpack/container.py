@@ -14,6 +14,8 @@ data section holding each tensor's bytes at a 64-byte aligned offset::
     24  header        msgpack map, header_len bytes
 
 This module knows nothing of quantization or torch; it only builds and checks the layout.
+It is longer than most because every rule a reader enforces is written once, here, and the
+writer checks against the same code rather than a copy.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ DTYPE_SIZES = {
     "bool": 1,
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-STORAGE_KINDS = ("raw", "packed", "huffman")
+# Storage kinds (spec section 4.2): how a tensor's bytes hold its values.
+RAW, PACKED, HUFFMAN = "raw", "packed", "huffman"
+STORAGE_KINDS = (RAW, PACKED, HUFFMAN)
 # Every key a tensor entry may carry (spec section 4.2); others are ignored extensions.
 TENSOR_KEYS = (
     "name",
@@ -86,7 +90,7 @@ TENSOR_KEYS = (
     "chunk",
     "chunk_starts",
 )
-QUANTIZED_KINDS = ("packed", "huffman")
+QUANTIZED_KINDS = (PACKED, HUFFMAN)
 GRANULARITIES = ("tensor", "channel")
 
 _PREAMBLE = struct.Struct("<8sHHIQ")
@@ -148,7 +152,7 @@ class TensorEntry:
             out["zero_point"] = self.zero_point.astype("<f4").tobytes()
             if self.scheme is not None:
                 out["scheme"] = self.scheme
-        if self.storage == "huffman":
+        if self.storage == HUFFMAN:
             out["group"] = self.group
             out["code_lengths"] = pack_lengths(self.code_lengths)
             if self.chunk is not None:
@@ -171,7 +175,7 @@ class Header:
 
 def expected_length(entry: TensorEntry) -> int:
     """Bytes the tensor must occupy given its shape, dtype and storage."""
-    if entry.storage == "raw":
+    if entry.storage == RAW:
         return entry.numel * DTYPE_SIZES[entry.dtype]
     return packed_size(entry.numel, entry.bits)
 
@@ -188,7 +192,7 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
 
 
 def _minor_version(entry: TensorEntry) -> int:
-    if entry.storage != "huffman":
+    if entry.storage != HUFFMAN:
         return 0
     return 1 if entry.chunk is None else 2
 
@@ -613,7 +617,7 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
     )
     if storage in QUANTIZED_KINDS:
         _validate_packed(entry, raw, path)
-    if storage == "huffman":
+    if storage == HUFFMAN:
         _validate_huffman(entry, raw, path)
     elif entry.length != expected_length(entry):
         _fail(

@@ -18,7 +18,7 @@ import numpy as np
 from . import errors as E
 from . import kernels
 from .bitpack import padding_is_zero, unpack_codes
-from .container import TensorEntry
+from .container import HUFFMAN, PACKED, RAW, TensorEntry
 from .dtypes import NUMPY_DTYPES
 from .entropy import decode_symbols, decode_values, lanes_pay, ungroup_symbols
 from .schemes import decodes_finite, dequantize, dequantize_stream
@@ -87,7 +87,7 @@ def decode_payload(
     out)``, if given, does the last step instead of :func:`decode_codes_values`: the same
     values by other means (e.g. torch's multithreaded kernels); the compiled kernels, where
     built, take its place: they read the codes straight from the payload."""
-    if entry.storage == "raw":
+    if entry.storage == RAW:
         check_raw(entry, data, path)
         stored = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype])
         if out is None:
@@ -99,10 +99,10 @@ def decode_payload(
     if kernels.native is not None:
         return _native_values(entry, data, path, out)
     # group 1: the symbols are the codes, and the plain dequantizer is faster than a lookup
-    if entry.storage == "huffman" and entry.scale.size == 1 and entry.group > 1:
+    if entry.storage == HUFFMAN and entry.scale.size == 1 and entry.group > 1:
         return _huffman_values(entry, data, path, out)
     # only the fixed-width unpacker writes codes into a buffer of ours
-    unpacked = entry.storage == "packed" and entry.bits < 8
+    unpacked = entry.storage == PACKED and entry.bits < 8
     codes = decode_codes(entry, data, path, scratch("codes", entry.numel) if unpacked else None)
     return (dequant or decode_codes_values)(entry, codes, out)
 
@@ -112,7 +112,7 @@ def decode_codes(
 ) -> np.ndarray:
     """The flat integer codes of a quantized tensor, after checking their padding (into
     ``out``, a uint8 array of ``numel`` elements, where that saves a copy)."""
-    if entry.storage == "huffman":
+    if entry.storage == HUFFMAN:
         return _huffman_codes(entry, data, path)
     return _packed_codes(entry, data, path, out)
 
@@ -153,7 +153,7 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if out is None:
         out = np.empty(entry.numel, dtype=np.float32)
     scale, zero = entry.scale, entry.zero_point
-    if entry.storage == "packed":
+    if entry.storage == PACKED:
         check_packed_padding(entry, data, path)
         dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out)
     elif entry.group == 1 and not (entry.chunk and lanes_pay(entry.length, entry.numel)):

@@ -23,7 +23,7 @@ import torch
 
 from . import errors as E
 from ._threads import cpu_count
-from .container import DTYPE_SIZES, TensorEntry
+from .container import DTYPE_SIZES, HUFFMAN, PACKED, QUANTIZED_KINDS, RAW, TensorEntry
 from .decoder import (
     check_decodes_finite,
     check_packed_padding,
@@ -73,18 +73,18 @@ def stage(
             path=path,
             tensor=entry.name,
         )
-    if entry.storage == "raw":
+    if entry.storage == RAW:
         check_raw(entry, buf, path)
         size = DTYPE_SIZES[entry.dtype]
         if sys.byteorder != "little" and size > 1:  # torch views bytes in host order
             buf = buf.view(f"<u{size}").astype(f"=u{size}").view(np.uint8)
-    elif entry.storage not in ("packed", "huffman"):
+    elif entry.storage not in QUANTIZED_KINDS:
         raise E.UnsupportedError(
             f"unsupported storage kind {entry.storage!r}", path=path, tensor=entry.name
         )
     else:
         check_decodes_finite(entry, path)
-        if entry.storage == "huffman":
+        if entry.storage == HUFFMAN:
             data = payload if isinstance(payload, (bytes, bytearray)) else buf.tobytes()
             buf = decode_codes(entry, data, path)
         else:
@@ -103,7 +103,7 @@ def host_workers(reader: Reader) -> int:
     tensors = reader.header.tensors
     if sum(e.length for e in tensors) >= THREADS_MIN_MEAN_BYTES * max(len(tensors), 1):
         return cpu_count()
-    return reader.default_workers(decoded=("huffman",))
+    return reader.default_workers(decoded=(HUFFMAN,))
 
 
 def finish(entry: TensorEntry, staged: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -113,9 +113,9 @@ def finish(entry: TensorEntry, staged: torch.Tensor, device: torch.device) -> to
     if entry.numel == 0:
         return torch.empty(entry.shape, dtype=dtype, device=device)
     data = staged.to(device, non_blocking=True)
-    if entry.storage == "raw":
+    if entry.storage == RAW:
         return data.view(dtype).reshape(entry.shape)
-    if entry.storage == "packed":
+    if entry.storage == PACKED:
         data = _unpack(data, entry.bits, entry.numel)
     return _dequantize(data, entry, device).reshape(entry.shape).to(dtype)
 

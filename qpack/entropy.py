@@ -13,6 +13,10 @@ codeword to DEFLATE's end-of-block symbol makes the stream the body of a DEFLATE
 block, so zlib's C inflater decodes it (:func:`deflate_prefix`). Streams from other
 writers go through bitarray's canonical decoder instead. Every route gives the same
 symbols and accepts the same streams.
+
+The module is longer than most: code-length limiting, canonical assignment, the chunk
+index and the three decoding routes are one concern (one stream format), and splitting
+them would scatter the invariants each route must keep identical.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ LANES = 4  # chunks the compiled decoder decodes side by side
 LANES_MIN_BITS = 4
 # Symbols per block in the encoder: enough to amortize numpy's per-call cost, few enough
 # that the uint64 temporaries stay in cache.
-BLOCK = 1 << 17
+PAIR_BLOCK = 1 << 17
 
 
 def group_choices(bits: int) -> range:
@@ -274,7 +278,7 @@ def encode_symbols(
     With ``chunk``, the stream's chunk index (:func:`chunk_starts`) goes into ``starts``,
     an int64 array of ``ceil(len(symbols) / chunk) - 1`` entries.
 
-    Vectorized, in blocks of :data:`BLOCK` symbols: one lookup in a 64 Ki table gives the
+    Vectorized, in blocks of :data:`PAIR_BLOCK` symbols: one lookup in a 64 Ki table gives the
     bit-reversed codewords of two symbols at once (at most 30 bits), two of those make a
     run of four symbols (at most 60 bits, one uint64), and each run lands at its bit
     offset in at most two 64-bit words. Runs sharing a word hold disjoint bits, so the
@@ -309,8 +313,8 @@ def encode_symbols(
         first_code, first_size = np.tile(code, 256), np.tile(size, 256)
         pair_code = first_code | (np.repeat(code, 256) << first_size)
         pair_size = first_size + np.repeat(size, 256)
-    for start in range(0, paired, BLOCK):
-        pairs = symbols[start : min(paired, start + BLOCK)].view("<u2")
+    for start in range(0, paired, PAIR_BLOCK):
+        pairs = symbols[start : min(paired, start + PAIR_BLOCK)].view("<u2")
         # first and second pair of each run of four, as contiguous indices; mode="clip"
         # (every pair is in range) skips the bounds check
         first, second = pairs[0::2].astype(np.intp), pairs[1::2].astype(np.intp)

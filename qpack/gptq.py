@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .schemes import DEFAULT_SCHEME, Quantized, _rows, levels_for, quantize
+from .schemes import DEFAULT_SCHEME, Quantized, as_rows, levels_for, quantize
 
 __all__ = ["gptq_codes", "gptq_quantize", "output_error", "row_output_errors"]
 
@@ -55,7 +55,7 @@ def gptq_codes(
     of largest second moment first; ``block`` columns are updated at a time.
     """
     w = np.asarray(weight, dtype=np.float32)
-    rows = _rows(w)
+    rows = as_rows(w)
     groups, h = _grouped(rows.shape, hessian)
     if not isinstance(levels, (int, np.integer)) or not 2 <= levels <= 256:
         raise ValueError(f"levels must be an integer from 2 to 256, got {levels!r}")
@@ -116,7 +116,7 @@ def output_error(delta: np.ndarray, hessian: np.ndarray) -> float:
 def row_output_errors(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
     """:func:`output_error` of each output channel: ``dW_r^T H dW_r`` for every row of
     ``delta.reshape(out_channels, -1)`` (float64)."""
-    d = _rows(np.asarray(delta, dtype=np.float64))
+    d = as_rows(np.asarray(delta, dtype=np.float64))
     groups, h = _grouped(d.shape, hessian)
     d = d.reshape(groups, -1, d.shape[1])
     return (np.matmul(d, h) * d).sum(axis=2).reshape(-1)

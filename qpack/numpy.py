@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import errors as E
+from .container import RAW
 from .dtypes import bf16_to_f32
 from .plan import DEFAULT_BITS, DEFAULT_ENTROPY
 from .planner import plan_items
@@ -111,7 +112,7 @@ class NumpyFile:
         """One tensor as a numpy array; KeyError for an unknown name."""
         entry = self._reader.entry(name)
         array = self._reader.array(name)
-        if entry.storage == "raw" and entry.dtype == "bfloat16":
+        if entry.storage == RAW and entry.dtype == "bfloat16":
             return bf16_to_f32(array)
         return array
 

@@ -16,7 +16,17 @@ from . import errors as E
 from . import kernels
 from ._threads import cpu_count, ordered_map
 from ._zlib import crc32
-from .container import DTYPE_SIZES, PREAMBLE_SIZE, QUANTIZED_KINDS, Header, TensorEntry, read_header
+from .container import (
+    DTYPE_SIZES,
+    HUFFMAN,
+    PACKED,
+    PREAMBLE_SIZE,
+    QUANTIZED_KINDS,
+    RAW,
+    Header,
+    TensorEntry,
+    read_header,
+)
 from .decoder import (
     SCRATCH_MAX,
     Dequantizer,
@@ -227,7 +237,7 @@ class Reader:
         than on two contending for the GIL. ``decoded`` names the storage kinds decoded on
         the host (a GPU load decodes only Huffman streams there; reading and checking the
         rest is faster on one thread)."""
-        threaded = ("packed", "huffman") if kernels.native is not None else ("huffman",)
+        threaded = (PACKED, HUFFMAN) if kernels.native is not None else (HUFFMAN,)
         if decoded is not None:
             threaded = tuple(s for s in threaded if s in decoded)
         coded = sum(e.numel for e in self.header.tensors if e.storage in threaded)
@@ -260,12 +270,19 @@ def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
 
     Packed tensors decode to float32; raw tensors keep their dtype, except bfloat16, which
     numpy lacks, and is widened exactly to float32.
+
+    Example:
+        >>> arrays = qpack.decode(open("model.qpk", "rb").read())
     """
     return _numpy_arrays(Reader(data))
 
 
 def load_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a .qpk file into numpy arrays (see :func:`decode` for the dtypes)."""
+    """Read a .qpk file into numpy arrays (see :func:`decode` for the dtypes).
+
+    Example:
+        >>> arrays = qpack.load_numpy("model.qpk")
+    """
     with Reader(path) as reader:
         return _numpy_arrays(reader)
 
@@ -273,7 +290,7 @@ def load_numpy(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _numpy_arrays(reader: Reader) -> dict[str, np.ndarray]:
     return {
         entry.name: bf16_to_f32(array)
-        if entry.storage == "raw" and entry.dtype == "bfloat16"
+        if entry.storage == RAW and entry.dtype == "bfloat16"
         else array
         for entry, array in reader.arrays()
     }
@@ -291,7 +308,7 @@ def describe(reader: Reader, stats: bool = False) -> dict:
             "dtype": e.dtype,
             "storage": e.storage,
             "bits": e.bits if quantized else DTYPE_SIZES[e.dtype] * 8,
-            "scheme": (e.scheme or "-") if quantized else "raw",
+            "scheme": (e.scheme or "-") if quantized else RAW,
             "offset": e.offset,
             "bytes": e.length,
             "crc32": f"{e.crc32:08x}",
@@ -301,7 +318,7 @@ def describe(reader: Reader, stats: bool = False) -> dict:
             row["granularity"] = e.granularity
             row["scale"] = [float(v) for v in e.scale]
             row["zero_point"] = [float(v) for v in e.zero_point]
-            if e.storage == "huffman":
+            if e.storage == HUFFMAN:
                 row["group"] = e.group
             if stats:
                 try:

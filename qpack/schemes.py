@@ -23,7 +23,7 @@ from . import kernels
 # Elements per block in quantization and dequantization: the float64 temporaries (1 MiB)
 # stay in cache, and each numpy call is long enough that two threads rarely wait for the
 # GIL (smaller blocks made two threads barely faster than one).
-BLOCK = 1 << 17
+QUANT_BLOCK = 1 << 17
 
 __all__ = [
     "SCHEMES",
@@ -96,7 +96,7 @@ def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     )
 
 
-def _rows(w: np.ndarray) -> np.ndarray:
+def as_rows(w: np.ndarray) -> np.ndarray:
     """The tensor as (channels along axis 0, everything else); no copy."""
     channels = w.shape[0] if w.ndim else 1
     inner = int(np.prod(w.shape[1:], dtype=np.int64))
@@ -104,15 +104,15 @@ def _rows(w: np.ndarray) -> np.ndarray:
 
 
 def blocks(rows: int, cols: int, whole_rows: bool = False) -> Iterator[tuple[slice, slice]]:
-    """(row, column) slices cutting a (rows, cols) array into pieces of about BLOCK
+    """(row, column) slices cutting a (rows, cols) array into pieces of about QUANT_BLOCK
     elements: several rows when rows are short, pieces of a row when they are long (unless
     ``whole_rows``)."""
-    if cols > BLOCK and not whole_rows:
+    if cols > QUANT_BLOCK and not whole_rows:
         for r in range(rows):
-            for c in range(0, cols, BLOCK):
-                yield slice(r, r + 1), slice(c, c + BLOCK)
+            for c in range(0, cols, QUANT_BLOCK):
+                yield slice(r, r + 1), slice(c, c + QUANT_BLOCK)
     else:
-        step = max(1, BLOCK // max(cols, 1))
+        step = max(1, QUANT_BLOCK // max(cols, 1))
         for r in range(0, rows, step):
             yield slice(r, r + step), slice(None)
 
@@ -148,7 +148,7 @@ def _codes_into(rows, scale, zero, top, out) -> np.ndarray:
 def _affine(w: np.ndarray, levels: int, granularity: Granularity) -> Quantized:
     """Min/max affine quantization of float32 ``w`` per row or per tensor, block by block
     (the tensor is never widened to float64 as a whole)."""
-    rows = _rows(w) if granularity == "channel" else w.reshape(1, -1)
+    rows = as_rows(w) if granularity == "channel" else w.reshape(1, -1)
     top = levels - 1
     scale, zero = _grid(*_range(rows), top)
     codes = np.empty(rows.shape, dtype=np.uint8)
@@ -196,7 +196,7 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
     """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
     1.0 down to 0.3) that minimizes its squared reconstruction error: clipping a few outliers
     buys a finer step for all the other weights. Never worse than min/max per channel."""
-    rows = _rows(w)
+    rows = as_rows(w)
     lo, hi = _range(rows)
     top = levels - 1
     scale = np.empty(rows.shape[0], dtype=np.float32)

@@ -22,9 +22,9 @@ from . import errors as E
 from ._threads import ordered_map
 from ._version import __version__
 from ._zlib import crc32
-from .atomic import CHUNK, write_atomic
+from .atomic import WRITE_CHUNK, write_atomic
 from .bitpack import pack_codes, packed_size
-from .container import TensorEntry, align, build_header, layout
+from .container import HUFFMAN, PACKED, RAW, TensorEntry, align, build_header, layout
 from .dtypes import NUMPY_DTYPES
 from .entropy import best_group, encode_symbols, index_chunk
 from .plan import Item, Plan, TensorPlan
@@ -57,7 +57,7 @@ def quantized_entry(
         name,
         shape,
         dtype,
-        "packed",
+        PACKED,
         0,
         packed_size(q.codes.size, q.bits),
         0,
@@ -72,7 +72,7 @@ def quantized_entry(
         group, lengths, stream, symbols, counts = best_group(q.codes, q.bits)
         # the code length table travels in the header: count it against Huffman
         if stream + packed_size(lengths.size, 4) < entry.length:
-            entry.storage, entry.group, entry.code_lengths = "huffman", group, lengths
+            entry.storage, entry.group, entry.code_lengths = HUFFMAN, group, lengths
             entry.length = stream
             return entry, (symbols, counts)
     return entry, None
@@ -91,7 +91,7 @@ def encode_tensor(
     if plan.bits is None:
         payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
         payload = payload.view(np.uint8)
-        entry = TensorEntry(name, shape, dtype, "raw", 0, payload.size, crc32(payload))
+        entry = TensorEntry(name, shape, dtype, RAW, 0, payload.size, crc32(payload))
         return entry, payload
     q = quantize_tensor(name, array, dtype, plan, rounder)
     entry, huffman = quantized_entry(name, shape, dtype, q, plan.scheme, entropy)
@@ -201,7 +201,7 @@ def _spooled(folder, items, plan, rounder, meta, workers, progress):
     with contextlib.ExitStack() as stack:
         spool, held, encoded = None, 0, []
         for entry, payload in _encoded(items, plan, rounder, workers):
-            if entry.storage != "raw":
+            if entry.storage != RAW:
                 if held + entry.length <= SPOOL_MEMORY:
                     held += entry.length
                 else:
@@ -240,8 +240,8 @@ def serialize(
             spooled += entry.length
         else:
             view = memoryview(payload).cast("B")
-            for done in range(0, entry.length, CHUNK):
-                yield view[done : done + CHUNK]
+            for done in range(0, entry.length, WRITE_CHUNK):
+                yield view[done : done + WRITE_CHUNK]
         position = start + entry.length
 
 
@@ -275,7 +275,7 @@ class SpoolRange:
         out.seek(0, os.SEEK_END)
         self.file.seek(offset)
         while left:
-            chunk = self.file.read(min(left, CHUNK))
+            chunk = self.file.read(min(left, WRITE_CHUNK))
             if not chunk:
                 raise OSError(f"spool file ended {left} bytes early")
             out.write(chunk)

@@ -16,8 +16,8 @@ import pytest
 
 from qpack import errors as E
 from qpack.atomic import (
-    CHUNK,
     SPARSE_MIN,
+    WRITE_CHUNK,
     check_output,
     same_file,
     write_atomic,
@@ -495,14 +495,14 @@ def test_holes_read_back_as_zeros(tmp_path):
 
 
 def test_hole_inside_a_chunk_larger_than_CHUNK(tmp_path):
-    data = bytearray(2 * CHUNK + 10)
+    data = bytearray(2 * WRITE_CHUNK + 10)
     data[-10:] = b"0123456789"
     out = tmp_path / "big.qpk"
     write_atomic(out, [data, FileRange(b"end")])
     assert out.read_bytes() == bytes(data) + b"end"
     st = out.stat()
     if hasattr(st, "st_blocks") and _makes_holes(tmp_path):
-        assert st.st_blocks * 512 < CHUNK  # the zero pieces were seeked over
+        assert st.st_blocks * 512 < WRITE_CHUNK  # the zero pieces were seeked over
 
 
 def _makes_holes(folder: Path) -> bool:

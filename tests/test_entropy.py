@@ -128,7 +128,7 @@ def test_pair_table_and_single_symbol_encoders_agree(values):
 
 def test_encoder_spans_block_boundaries():
     rng = np.random.default_rng(5)
-    symbols = np.minimum(rng.geometric(0.3, size=3 * H.BLOCK + 7) - 1, 255).astype(np.uint8)
+    symbols = np.minimum(rng.geometric(0.3, size=3 * H.PAIR_BLOCK + 7) - 1, 255).astype(np.uint8)
     lengths = H.huffman_lengths(np.bincount(symbols, minlength=256))
     stream = H.encode_symbols(symbols, lengths).tobytes()
     assert stream == naive_encode(symbols, lengths)

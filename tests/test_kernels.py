@@ -801,7 +801,7 @@ class TestQuantize:
         """Tensors larger than numpy's quantization block (a long row, and many rows)
         give the same codes: the kernel does in one pass what numpy does in blocks."""
         rng = np.random.default_rng(1)
-        for shape in [(2, schemes.BLOCK + 77), (3000, 50)]:
+        for shape in [(2, schemes.QUANT_BLOCK + 77), (3000, 50)]:
             w = rng.laplace(size=shape).astype(np.float32)
             for scheme in ("asymmetric-per-channel", "asymmetric-per-layer"):
                 with with_native():

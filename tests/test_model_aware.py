@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import qpack
-from qpack.api import _save
+from qpack.api import pack
 from qpack.budget import Allocator
 from qpack.measure import Evaluator
 from qpack.planner import Planner
@@ -117,7 +117,7 @@ def test_error_compensating_codes_beat_nearest_on_the_same_plan(tmp_path, model,
     for bits in (3, 4):
         planned = planner.plan(bits=bits)
         assert set(planned.options["rounding"].values()) == {"gptq"}
-        _save(model.state_dict(), tmp_path / "g.qpk", planned=planned)
+        pack(model.state_dict(), tmp_path / "g.qpk", planned=planned)
         qpack.save(model.state_dict(), tmp_path / "n.qpk",
                    **dict(planned.options, rounding="nearest"))
         gptq = _error(model, calibration, tmp_path / "g.qpk")
@@ -175,7 +175,7 @@ def test_recurrent_layers_are_rounded_with_compensation_others_fall_back(tmp_pat
     assert rounding["head.weight"] == "gptq"
     assert rounding["rnn.weight_ih_l0"] == rounding["rnn.weight_hh_l0"] == "gptq"
     assert rounding["up.weight"] == "nearest"  # no hook sees a transposed conv's inputs
-    _save(model.state_dict(), tmp_path / "r.qpk", planned=planned)
+    pack(model.state_dict(), tmp_path / "r.qpk", planned=planned)
     assert set(qpack.load(tmp_path / "r.qpk")) == set(model.state_dict())
 
 

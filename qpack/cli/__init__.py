@@ -52,7 +52,7 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
-def _fail(message: str, status: int = 1) -> int:
+def _report(message: str, status: int = 1) -> int:
     print(f"{PROG}: error: {_first_line(message) or message}", file=sys.stderr)
     return status
 
@@ -68,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return args.func(args)
         except UsageError as exc:
-            return _fail(f"{args.command}: {exc}", status=2)
+            return _report(f"{args.command}: {exc}", status=2)
         except E.QpackError as exc:
-            return _fail(str(exc))
+            return _report(str(exc))
         except BrokenPipeError:
             # stdout went away (e.g. piped into `head`): not an error of ours.
             try:
@@ -82,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             reason = exc.strerror or str(exc) or type(exc).__name__
-            return _fail(f"{where}{reason}")
+            return _report(f"{where}{reason}")
         except MemoryError:
-            return _fail("out of memory")
+            return _report("out of memory")
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

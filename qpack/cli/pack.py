@@ -144,7 +144,7 @@ def _size_arg(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import _save
+    from ..api import pack
 
     output_format(args.output, NOT_QPK, "qpk", "pack")
     check_output(args.output, **write_options(args))
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     params = sum(int(v.numel()) for v in state.values() if is_tensor(v))
     with progress_bar(params, "packing") as progress:
         try:
-            planned = _save(
+            planned = pack(
                 request.pop("model", None) or state,
                 args.output,
                 metadata=metadata,

@@ -32,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import _load
+    from ..api import read_state
 
     fmt = output_format(args.output, FORMATS, "pt", "unpack")
     with Reader(args.input) as reader:
         params = sum(entry.numel for entry in reader.header.tensors)
         metadata = reader.metadata
         with progress_bar(params, "unpacking") as progress:
-            state = _load(reader, progress=progress)
+            state = read_state(reader, progress=progress)
     write_checkpoint(state, args.output, fmt, metadata=metadata, **write_options(args))
     print(
         f"unpacked {args.input} -> {args.output}: {len(state)} tensors, {params:,} parameters, "

@@ -22,7 +22,7 @@ import torch
 
 from .. import errors as E
 from .._threads import cpu_count
-from ..api import _save, load
+from ..api import load, pack
 from ..checkpoint import read_checkpoint
 from ..planner import Planner
 from ..schemes import DEFAULT_SCHEME, SCHEMES
@@ -198,7 +198,7 @@ def run_demo(
             for b in bits:
                 for label, how, options in _settings(b, scheme, origin, planner):
                     path = folder / f"unet_{label}_{b}bit.qpk"
-                    _save(state, path, metadata={"source": name}, **options)
+                    pack(state, path, metadata={"source": name}, **options)
                     size = path.stat().st_size
                     note(f"evaluating {label} {b}-bit ({size:,} bytes)")
                     model = build_model(load(path), path)
