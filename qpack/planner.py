@@ -33,7 +33,7 @@ __all__ = ["EVAL_EXAMPLES", "Planned", "Planner", "plan_items", "plan_save"]
 # Calibration examples the model's output error is measured on while planning (the first
 # ones): each check of a plan is one forward pass over them, and too few let a plan fit
 # them rather than the data (64 did on a small transformer). Layer statistics use them all.
-EVAL_EXAMPLES = 256
+EVAL_EXAMPLES = 512
 
 
 @dataclass
