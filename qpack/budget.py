@@ -493,6 +493,8 @@ def _channel_error(values: np.ndarray, reference: np.ndarray) -> float:
     relative to its own energy, averaged over channels. Unlike the tensor's total squared
     error it does not let a grid trade away small channels (which a per-layer grid zeroes)
     for precision on large ones: the next layer feels every channel."""
+    if not reference.size:
+        return 0.0
     rows = reference.shape[0] if reference.ndim else 1
     ref = reference.reshape(rows, -1)
     diff = values.reshape(rows, -1).astype(np.float64) - ref

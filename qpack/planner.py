@@ -129,7 +129,7 @@ class Planner:
 
             evaluate, sensitivity = self._model_measures()
             with self._timed("measure"):
-                self._allocator = _run_model(
+                self._allocator = self._run(
                     lambda: Allocator(
                         self.state,
                         evaluate=evaluate,
@@ -141,6 +141,10 @@ class Planner:
                     )
                 )
         return self._allocator
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        """Run a planning step; with a model, its errors name the model (it runs there)."""
+        return _run_model(fn) if self.model is not None else fn()
 
     @contextlib.contextmanager
     def _timed(self, what: str):
@@ -215,10 +219,10 @@ class Planner:
             allocator = self.allocator() if wants_gptq else self._plain_allocator({}, ())
         with self._timed("plan"):
             if max_size is not None:
-                options = _run_model(lambda: allocator.for_size(max_size))
+                options = self._run(lambda: allocator.for_size(max_size))
                 target = f"at most {max_size:,} bytes"
             else:
-                options = _run_model(lambda: allocator.for_bits(bits))
+                options = self._run(lambda: allocator.for_bits(bits))
                 target = f"accuracy of {bits:g}-bit"
         if rounding is not None:
             options["rounding"] = rounding
@@ -236,7 +240,7 @@ class Planner:
         from .budget import Allocator
 
         evaluate, sensitivity = self._model_measures()
-        return _run_model(
+        return self._run(
             lambda: Allocator(
                 self.state,
                 evaluate=evaluate,
