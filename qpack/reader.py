@@ -327,6 +327,8 @@ def describe(reader: Reader, stats: bool = False) -> dict:
                     row["problem"] = exc.reason
                 else:
                     row["entropy_bytes"] = entropy_bits(codes, 1 << e.bits) / 8
+                    # levels used: a fractional width (2.5 bits: 6 levels) shows as such
+                    row["levels"] = int(codes.max()) + 1 if codes.size else 0
         tensors.append(row)
     return {
         "path": reader.path,

@@ -306,3 +306,13 @@ def test_tensors_without_values_are_refused_in_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(qpack.QpackError, match="cannot use device 'cuda'"):
             qpack.load(tmp_path / "ok.qpk", device="cuda")
+
+
+def test_inspect_shows_the_levels_of_a_fractional_width(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    qpack.numpy.save({"w": rng.normal(size=(64, 64)).astype(np.float32)}, tmp_path / "f.qpk",
+                     bits=2.5, uniform=True)
+    status, stdout, err = call(capsys, "inspect", tmp_path / "f.qpk")
+    assert status == 0, err
+    assert "3 (6 lv)" in stdout
+    assert qpack.inspect(tmp_path / "f.qpk", stats=True)["tensors"][0]["levels"] == 6

@@ -73,7 +73,7 @@ def format_inspect(info: Mapping[str, Any]) -> str:
             _format_shape(t["shape"]),
             t["dtype"],
             t["storage"],
-            str(t["bits"]),
+            _bits(t),
             t["scheme"],
             t.get("granularity") or "-",
             f"{t['bytes']:,}",
@@ -115,6 +115,15 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         out += [f"BAD tensor {t['name']!r}: {t['problem']}" for t in problems]
         out.append(f"{len(problems)} bad tensor(s): `qpack verify` checks the whole file")
     return "\n".join(out)
+
+
+def _bits(t: Mapping[str, Any]) -> str:
+    """The code width, and the levels the codes use where fewer than it holds (a
+    fractional width: 2.5 bits is 6 levels in 3-bit codes)."""
+    levels = t.get("levels")
+    if levels and levels < 1 << t["bits"] and t["storage"] != "raw":
+        return f"{t['bits']} ({levels} lv)"
+    return str(t["bits"])
 
 
 def _bound(t: Mapping[str, Any]) -> str:
