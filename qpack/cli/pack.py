@@ -97,8 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-size",
         type=_size_arg,
         metavar="SIZE",
-        help="choose widths per tensor for the least output error within SIZE bytes "
-        "(145000, 145k, 1.5M, 64KiB); replaces --bits",
+        help="choose widths and grids per tensor for the least error within SIZE bytes "
+        "(145000, 145k, 1.5M, 64KiB); instead of --bits",
     )
     p.add_argument(
         "--model",
