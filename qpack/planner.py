@@ -26,7 +26,7 @@ from . import errors as E
 from .dtypes import as_items
 from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, ROUNDINGS, Item, Plan, default_bits, resolve
 from .quantize import Rounder, gptq_rounder
-from .schemes import DEFAULT_SCHEME
+from .schemes import DEFAULT_SCHEME, levels_for
 
 __all__ = ["EVAL_EXAMPLES", "Planned", "Planner", "plan_items", "plan_save"]
 
@@ -178,6 +178,11 @@ class Planner:
         if max_size is not None and (uniform or spelled):
             raise E.EncodeError("max_size chooses the widths: it cannot be combined with "
                                 "uniform=True, a scheme or a bits mapping")
+        if not isinstance(bits, Mapping):
+            try:
+                levels_for(bits)
+            except ValueError as exc:
+                raise E.EncodeError(str(exc)) from None
         if isinstance(rounding, str) and rounding not in ROUNDINGS:
             raise E.EncodeError(
                 f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}"
