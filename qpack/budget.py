@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -402,14 +402,9 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
     anchors = {(b, anchor_scheme) for b in ANCHORS}
     sizes, errors, relative, decoded, kept = [], [], [], {}, []  # decoded: for the evaluator
-    for option in options:
-        try:
-            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-        except E.EncodeError:  # values near the float32 limit overflow coarse grids
-            continue
+    for option, values, size in _each_option(target, options):
         kept.append(option)
-        sizes.append(_option_size(name, array, dtype, q, option[1]))
-        values = q.values().reshape(array.shape)
+        sizes.append(size)
         errors.append(float(((values - reference) ** 2).sum()))
         relative.append(_channel_error(values, reference))
         if evaluate is not None and option in anchors:
@@ -451,14 +446,9 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
         return float(weights @ rows)
 
     sizes, relative, predictions, kept = [], [], [], []
-    for option in options:
-        try:
-            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-        except E.EncodeError:  # values near the float32 limit overflow coarse grids
-            continue
+    for option, values, size in _each_option(target, options):
         kept.append(option)
-        sizes.append(_option_size(name, array, dtype, q, option[1]))
-        values = q.values().reshape(array.shape)
+        sizes.append(size)
         relative.append(_channel_error(values, reference))
         predictions.append(predicted(values))
     options = kept
@@ -477,9 +467,22 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
     return _Choices(name, list(options), np.rint(sizes), predictions, np.array(relative))
 
 
+def _each_option(target, options: list[Option]) -> Iterator[tuple[Option, np.ndarray, int]]:
+    """(option, decoded values, bytes in a file) of every option the tensor can be stored
+    with, rounding to nearest: values near the float32 limit overflow coarse grids, which
+    the file must not hold, so those options are left out."""
+    name, array, dtype = target
+    for option in options:
+        try:
+            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
+        except E.EncodeError:
+            continue
+        size = _option_size(name, array, dtype, q, option[1])
+        yield option, q.values().reshape(array.shape), size
+
+
 def _storable(target, option: Option) -> bool:
-    """Whether a tensor can be quantized so (values near the float32 limit overflow coarse
-    grids, which the file must not hold)."""
+    """Whether a tensor can be quantized with ``option`` (see :func:`_each_option`)."""
     name, array, dtype = target
     try:
         quantize_tensor(name, array, dtype, TensorPlan(*option))
