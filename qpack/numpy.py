@@ -34,9 +34,12 @@ __all__ = ["NumpyFile", "decode", "encode", "load", "open", "save"]
 load = load_numpy
 
 
-def _options(bits, max_size, scheme, rounding, uniform, entropy) -> dict[str, Any]:
-    return dict(bits=bits, max_size=max_size, scheme=scheme, rounding=rounding,
-                uniform=uniform, entropy=entropy)
+def _planned(arrays, bits, max_size, scheme, rounding, uniform, entropy):
+    """The items, resolved plan and planning of arrays, for :func:`encode` and :func:`save`
+    alike."""
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    return plan_items(arrays, bits=bits, max_size=max_size, scheme=scheme, rounding=rounding,
+                      uniform=uniform, entropy=entropy)
 
 
 def encode(
@@ -57,9 +60,7 @@ def encode(
         >>> qpack.numpy.decode(blob)["w"].shape
         (4, 4)
     """
-    arrays = {name: np.asarray(a) for name, a in arrays.items()}
-    request = _options(bits, max_size, scheme, rounding, uniform, entropy)
-    items, plan, planned = plan_items(arrays, **request)
+    items, plan, planned = _planned(arrays, bits, max_size, scheme, rounding, uniform, entropy)
     chunks = encode_chunks(items, plan, metadata, planned.rounder)
     return b"".join(bytes(c) if isinstance(c, np.ndarray) else c for c in chunks)
 
@@ -81,10 +82,10 @@ def save(
     Example:
         >>> qpack.numpy.save({"w": np.ones((4, 4), np.float32)}, "w.qpk", bits=4)
     """
-    arrays = {name: np.asarray(a) for name, a in arrays.items()}
-    request = _options(bits, max_size, scheme, rounding, uniform, entropy)
     try:
-        items, plan, planned = plan_items(arrays, **request)
+        items, plan, planned = _planned(
+            arrays, bits, max_size, scheme, rounding, uniform, entropy
+        )
         write_file(path, items, plan, metadata, rounder=planned.rounder)
     except E.QpackError as exc:
         if exc.path is None:

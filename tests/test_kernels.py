@@ -1235,7 +1235,7 @@ class TestHostileArguments:
         """Every kernel, over every width, group and count up to 70, reads and writes only
         the bytes it is given: each input and output ends exactly at a page made
         inaccessible with mprotect, so a read or write past it crashes. Run in a child
-        process so that a crash fails this test instead of the whole session."""
+        process so that a crash fails this test instead of the whole test run."""
         if not sys.platform.startswith("linux"):
             pytest.skip("needs mmap and mprotect")
         result = subprocess.run(
@@ -1258,7 +1258,7 @@ class TestHostileArguments:
         """``group * bits`` must be checked without overflow: a group of 2**30 8-bit codes
         is no more allowed than a group of 2. Run in a child process, the 1-byte source
         against a guard page, so that a kernel that accepts the group and reads 4096
-        codes from it fails this test (by crashing the child) instead of the session."""
+        codes from it fails this test (by crashing the child) instead of the test run."""
         if not sys.platform.startswith("linux"):
             pytest.skip("needs mmap and mprotect")
         script = GUARD_PAGE_SETUP + textwrap.dedent(

@@ -40,15 +40,11 @@ def positive_int(text: str) -> int:
 
 
 def bits_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bits must be an integer from 1 to 8, got {text!r}"
-        ) from None
-    if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {value}")
-    return value
+    """A whole width in bits from 1 to 8 (:func:`width_arg` without fractions)."""
+    value = width_arg(text)
+    if not float(value).is_integer():
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {text!r}")
+    return int(value)
 
 
 def width_arg(text: str) -> float:
