@@ -231,21 +231,50 @@ float_buffer(Py_buffer *view, const char *what)
     return 1;
 }
 
+/* Where the codes of each affine run lie (spec 6.1): rows of `row` codes, each split into
+ * runs of `run` codes, the last run of a row possibly short; run g is the (g % per_row)-th
+ * of row g / per_row. Tensor and channel granularity: one run per row. */
+typedef struct {
+    Py_ssize_t row, run, per_row, runs;
+} Runs;
+
+static inline void
+run_bounds(const Runs *r, Py_ssize_t g, Py_ssize_t *start, Py_ssize_t *end)
+{
+    Py_ssize_t i = g / r->per_row, j = g % r->per_row;
+    Py_ssize_t stop = i * r->row + (j + 1) * r->run, limit = (i + 1) * r->row;
+    *start = i * r->row + j * r->run;
+    *end = stop < limit ? stop : limit;
+}
+
 /* The affine parameters and output of `count` codes: aligned float32 buffers, `scale`
- * and `zero` of one entry per run, splitting the codes into equal runs (no codes: any
- * number, even none). 0 with ValueError set when they do not. */
+ * and `zero` of one entry per run. `run` 0 splits the codes into equal runs, one per
+ * entry; else rows of `row` codes split into runs of `run` (no codes: any number of
+ * entries, even none, and no runs). 0 with ValueError set when they do not fit. */
 static int
-affine_buffers(Py_buffer *scale, Py_buffer *zero, Py_buffer *out, Py_ssize_t count)
+affine_buffers(Py_buffer *scale, Py_buffer *zero, Py_buffer *out, Py_ssize_t count,
+               Py_ssize_t row, Py_ssize_t run, Runs *runs)
 {
     if (!float_buffer(scale, "scale") || !float_buffer(zero, "zero") ||
         !float_buffer(out, "out"))
         return 0;
     Py_ssize_t groups = scale->len / 4;
-    if (zero->len != scale->len || (count > 0 && (groups < 1 || count % groups))) {
-        PyErr_SetString(PyExc_ValueError, "scale and zero must split the codes into equal runs");
-        return 0;
+    *runs = (Runs){1, 1, 1, 0};
+    if (zero->len != scale->len || row < 0 || run < 0) goto bad;
+    if (count == 0) return 1;
+    if (!run) {
+        if (groups < 1 || count % groups) goto bad;
+        *runs = (Runs){count / groups, count / groups, 1, groups};
+        return 1;
     }
+    if (row < 1 || count % row) goto bad;
+    Py_ssize_t per_row = row / run + (row % run != 0);
+    if (groups != count / row * per_row) goto bad;
+    *runs = (Runs){row, run, per_row, groups};
     return 1;
+bad:
+    PyErr_SetString(PyExc_ValueError, "scale and zero do not fit the codes' runs");
+    return 0;
 }
 
 /* Pack codes [0, n) of `bits` bits, LSB first (spec 5.1): eight codes fill `bits` bytes;
@@ -303,27 +332,29 @@ pack(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(dequantize_doc,
-"dequantize(src, bits, group, count, scale, zero, out)\n\n"
+"dequantize(src, bits, group, count, scale, zero, out, row=0, run=0)\n\n"
 "Decode `count` codes of `bits` bits into float32 `out`: codes packed in a stream\n"
-"(group 0) or `group` to a symbol byte; run g of count / len(scale) codes decodes as\n"
-"scale[g] * (float32(q) - zero[g]).");
+"(group 0) or `group` to a symbol byte; run g of the codes decodes as\n"
+"scale[g] * (float32(q) - zero[g]). Runs: count / len(scale) codes each (run 0), or\n"
+"rows of `row` codes split into runs of `run`, the last of a row possibly short.");
 
 static PyObject *
 dequantize(PyObject *self, PyObject *args)
 {
     Py_buffer src, scale, zero, out;
     int bits, group;
-    Py_ssize_t count;
-    if (!PyArg_ParseTuple(args, "y*iiny*y*w*", &src, &bits, &group, &count, &scale, &zero, &out))
+    Py_ssize_t count, row = 0, run = 0;
+    Runs runs;
+    if (!PyArg_ParseTuple(args, "y*iiny*y*w*|nn", &src, &bits, &group, &count, &scale, &zero,
+                          &out, &row, &run))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t groups = scale.len / 4;
     if (bits < 1 || bits > 8 || group < 0 || group > 8 / bits || count < 0 ||
         count > PY_SSIZE_T_MAX / 8) {
         PyErr_SetString(PyExc_ValueError, "bad bits, group or count");
         goto done;
     }
-    if (!affine_buffers(&scale, &zero, &out, count)) goto done;
+    if (!affine_buffers(&scale, &zero, &out, count, row, run, &runs)) goto done;
     Py_ssize_t need = group ? count / group + (count % group != 0) : (count * bits + 7) / 8;
     if (src.len < need || out.len / 4 < count) {
         PyErr_SetString(PyExc_ValueError, "buffer too short for the codes");
@@ -331,11 +362,11 @@ dequantize(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     const float *s = scale.buf, *z = zero.buf;
-    Py_ssize_t run = count ? count / groups : 0; /* no codes: possibly no groups either */
     int stream = count >= STREAM_MIN;
-    for (Py_ssize_t g = 0; g < groups && run; g++)
-        dequantize_run(src.buf, src.len, bits, group, g * run, (g + 1) * run, s[g], z[g],
-                       out.buf, stream);
+    for (Py_ssize_t g = 0, i, end; g < runs.runs; g++) {
+        run_bounds(&runs, g, &i, &end);
+        dequantize_run(src.buf, src.len, bits, group, i, end, s[g], z[g], out.buf, stream);
+    }
 #ifdef HAVE_STREAM
     if (stream) _mm_sfence(); /* streamed stores are ordered before the caller reads */
 #endif
@@ -629,9 +660,10 @@ huffman_decode(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(huffman_dequantize_doc,
-"huffman_dequantize(data, lengths, count, scale, zero, out[, chunk, starts]) -> used bits\n\n"
+"huffman_dequantize(data, lengths, count, scale, zero, out[, chunk, starts, row, run])\n"
+"-> used bits\n\n"
 "huffman_decode of `count` symbols that are one code each (group 1), written as their\n"
-"float32 values into `out`: run g of count / len(scale) codes decodes as\n"
+"float32 values into `out`: run g of the codes (as in dequantize) decodes as\n"
 "scale[g] * (float32(q) - zero[g]). With `chunk` and int64 `starts` (spec 5.2's chunk\n"
 "index), checks that each chunk begins where `starts` says. The same errors as\n"
 "huffman_decode_chunks.");
@@ -674,15 +706,15 @@ static PyObject *
 huffman_dequantize(PyObject *self, PyObject *args)
 {
     Py_buffer data, lengths, scale, zero, out, starts = {0};
-    Py_ssize_t count, chunk = 0;
-    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*|ny*", &data, &lengths, &count, &scale, &zero,
-                          &out, &chunk, &starts))
+    Py_ssize_t count, row = 0, run = 0, chunk = 0;
+    Runs runs;
+    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*|ny*nn", &data, &lengths, &count, &scale, &zero,
+                          &out, &chunk, &starts, &row, &run))
         return NULL;
     PyObject *result = NULL;
     Canonical c;
     Bits b = {data.buf, data.len, 0, 0, 0};
-    Py_ssize_t groups = scale.len / 4;
-    if (!affine_buffers(&scale, &zero, &out, count)) goto done;
+    if (!affine_buffers(&scale, &zero, &out, count, row, run, &runs)) goto done;
     const char *error = check_stream(&lengths, count, data.len, &c);
     if (!error) error = check_index(count, chunk, &starts, data.len);
     if (!error && out.len / 4 < count) error = "output buffer too short";
@@ -692,13 +724,14 @@ huffman_dequantize(PyObject *self, PyObject *args)
         build_tables(&c, lengths.buf, lengths.len, count, &t);
         const float *s = scale.buf, *z = zero.buf;
         const int64_t *at = starts.buf;
-        Py_ssize_t run = count ? count / groups : 0, k = 0, chunks = chunk_count(count, chunk);
+        Py_ssize_t k = 0, chunks = chunk_count(count, chunk);
         /* the next chunk boundary to check (none past the last chunk's start) */
         Py_ssize_t next = chunks > 1 ? chunk : PY_SSIZE_T_MAX;
         float values[256];
-        for (Py_ssize_t g = 0; g < groups && run && !error; g++) {
+        for (Py_ssize_t g = 0, i, end; g < runs.runs && !error; g++) {
+            run_bounds(&runs, g, &i, &end);
             for (uint32_t q = 0; q < 256; q++) values[q] = affine(q, s[g], z[g]);
-            for (Py_ssize_t i = g * run, end = i + run; i < end && !error;) {
+            while (i < end && !error) {
                 Py_ssize_t stop = next < end ? next : end;
                 error = decode_values(&c, &t, &b, stop - i, values, (float *)out.buf + i);
                 i = stop;

@@ -8,31 +8,47 @@ import numpy as np
 Buffer = bytes | bytearray | memoryview | np.ndarray
 
 def dequantize(
-    src: Buffer, bits: int, group: int, count: int, scale: np.ndarray, zero: np.ndarray,
-    out: np.ndarray
+    src: Buffer,
+    bits: int,
+    group: int,
+    count: int,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    out: np.ndarray,
+    row: int = ...,
+    run: int = ...,
 ) -> None: ...
-
 def histogram(data: Buffer, counts: np.ndarray) -> None: ...
-
 def huffman_decode(data: Buffer, lengths: np.ndarray, count: int, out: np.ndarray) -> int: ...
-
 def huffman_decode_chunks(
-    data: Buffer, lengths: np.ndarray, count: int, chunk: int, starts: np.ndarray,
-    out: np.ndarray, lanes: int
+    data: Buffer,
+    lengths: np.ndarray,
+    count: int,
+    chunk: int,
+    starts: np.ndarray,
+    out: np.ndarray,
+    lanes: int,
 ) -> int: ...
-
 def huffman_dequantize(
-    data: Buffer, lengths: np.ndarray, count: int, scale: np.ndarray, zero: np.ndarray,
-    out: np.ndarray, chunk: int = ..., starts: np.ndarray | None = ...
+    data: Buffer,
+    lengths: np.ndarray,
+    count: int,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    out: np.ndarray,
+    row: int,
+    run: int,
+    chunk: int = ...,
+    starts: np.ndarray | None = ...,
 ) -> int: ...
-
 def huffman_encode(
-    symbols: np.ndarray, lengths: np.ndarray, out: np.ndarray, chunk: int = ...,
-    starts: np.ndarray | None = ...
+    symbols: np.ndarray,
+    lengths: np.ndarray,
+    out: np.ndarray,
+    chunk: int = ...,
+    starts: np.ndarray | None = ...,
 ) -> int: ...
-
 def pack(codes: np.ndarray, bits: int, out: np.ndarray) -> None: ...
-
 def quantize(
     w: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int, out: np.ndarray
 ) -> None: ...

@@ -35,7 +35,7 @@ from .bitpack import packed_size
 from .entropy import MAX_CODE_LENGTH, length_stats, pack_lengths, unpack_lengths
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-VERSION = (1, 2)  # the newest version this module reads and writes
+VERSION = (1, 3)  # the newest version this module reads and writes
 PREAMBLE_SIZE = 24
 ALIGNMENT = 64
 
@@ -82,6 +82,8 @@ TENSOR_KEYS = (
     "bits",
     "dequant",
     "granularity",
+    "group_size",
+    "scale_dtype",
     "scale",
     "zero_point",
     "scheme",
@@ -91,7 +93,8 @@ TENSOR_KEYS = (
     "chunk_starts",
 )
 QUANTIZED_KINDS = (PACKED, HUFFMAN)
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group")
+SCALE_DTYPES = {"float32": "<f4", "float16": "<f2"}  # how scale and zero_point are stored
 
 _PREAMBLE = struct.Struct("<8sHHIQ")
 _F32 = struct.Struct("<f")
@@ -122,8 +125,11 @@ class TensorEntry:
     scheme: str | None = None
     dequant: str | None = None
     granularity: str | None = None
-    scale: np.ndarray | None = None
-    zero_point: np.ndarray | None = None
+    scale: np.ndarray | None = None  # float32, one per group of codes
+    zero_point: np.ndarray | None = None  # float32, one per group (shared: stored once)
+    group_size: int | None = None  # granularity "group": codes per group of a row
+    scale_dtype: str = "float32"  # granularity "group": how scale and zero_point are stored
+    shared_zero: bool = False  # granularity "group": every group has zero_point[0]
     group: int | None = None  # huffman: codes per symbol
     code_lengths: np.ndarray | None = None  # huffman: length of each symbol's codeword
     chunk: int | None = None  # huffman, optional: symbols per chunk of the chunk index
@@ -132,6 +138,15 @@ class TensorEntry:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def runs(self) -> tuple[int, int]:
+        """How the codes split into the affine runs of spec 6.1, as the dequantizers take
+        it (``row``, ``run``): (0, 0) for one equal run per scale; for granularity "group",
+        rows of one channel's codes split into runs of ``group_size``."""
+        if self.granularity != "group":
+            return 0, 0
+        return math.prod(self.shape[1:]), self.group_size
 
     def to_header(self) -> dict:
         """The msgpack map written for this tensor, keys in a fixed order."""
@@ -148,8 +163,14 @@ class TensorEntry:
             out["bits"] = self.bits
             out["dequant"] = self.dequant
             out["granularity"] = self.granularity
-            out["scale"] = self.scale.astype("<f4").tobytes()
-            out["zero_point"] = self.zero_point.astype("<f4").tobytes()
+            stored = SCALE_DTYPES[self.scale_dtype]
+            if self.granularity == "group":
+                out["group_size"] = self.group_size
+                if self.scale_dtype != "float32":
+                    out["scale_dtype"] = self.scale_dtype
+            zero = self.zero_point[:1] if self.shared_zero else self.zero_point
+            out["scale"] = self.scale.astype(stored).tobytes()
+            out["zero_point"] = zero.astype(stored).tobytes()
             if self.scheme is not None:
                 out["scheme"] = self.scheme
         if self.storage == HUFFMAN:
@@ -173,6 +194,12 @@ class Header:
     header_len: int = 0
 
 
+def group_count(shape: Sequence[int], group_size: int) -> int:
+    """The affine groups of a tensor of ``shape`` with granularity "group" (section 4.2):
+    every channel's row of ``inner`` codes splits into ``ceil(inner / group_size)``."""
+    return shape[0] * -(-math.prod(shape[1:]) // group_size)
+
+
 def expected_length(entry: TensorEntry) -> int:
     """Bytes the tensor must occupy given its shape, dtype and storage."""
     if entry.storage == RAW:
@@ -192,6 +219,8 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
 
 
 def _minor_version(entry: TensorEntry) -> int:
+    if entry.granularity == "group":
+        return 3
     if entry.storage != HUFFMAN:
         return 0
     return 1 if entry.chunk is None else 2
@@ -507,15 +536,25 @@ def _text(value, what: str, path, tensor=None) -> str:
     return value
 
 
-def _f32_array(value, count: int, what: str, path, tensor) -> np.ndarray:
-    if type(value) is not bytes or len(value) != 4 * count:
-        _fail(path, f"{what} must be {4 * count} bytes of float32 ({count} values)", tensor)
-    if count == 1:  # the common per-layer case, without numpy's per-call overhead
+def _param_array(value, counts: tuple[int, ...], dtype: str, what: str, path, tensor):
+    """A ``scale`` or ``zero_point`` bin of one of ``counts`` values stored as ``dtype``
+    (section 4.2), as finite float32 values (binary16 widens exactly)."""
+    size = np.dtype(SCALE_DTYPES[dtype]).itemsize
+    if type(value) is not bytes or len(value) not in [size * c for c in counts]:
+        allowed = " or ".join(str(c) for c in counts)
+        _fail(
+            path,
+            f"{what} must be {allowed} {dtype} values in a bin",
+            tensor,
+        )
+    if (
+        len(value) == 4 and size == 4
+    ):  # the common per-layer case, without numpy's per-call overhead
         (number,) = _F32.unpack(value)
         if not math.isfinite(number):
             _fail(path, f"{what} holds a NaN or infinite value", tensor)
         return np.array([number], dtype=np.float32)
-    arr = np.frombuffer(value, dtype="<f4").astype(np.float32)
+    arr = np.frombuffer(value, dtype=SCALE_DTYPES[dtype]).astype(np.float32)
     if not np.isfinite(arr).all():
         _fail(path, f"{what} holds a NaN or infinite value", tensor)
     return arr
@@ -646,9 +685,28 @@ def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
     granularity = _text(raw["granularity"], "granularity", path, name)
     if granularity not in GRANULARITIES:
         _fail(path, f"unsupported granularity {granularity!r}", name, E.UnsupportedError)
-    if granularity == "channel" and not entry.shape:
-        _fail(path, "per-channel quantization needs at least one dimension", name)
+    if granularity != "tensor" and not entry.shape:
+        _fail(path, f"{granularity} granularity needs at least one dimension", name)
     count = entry.shape[0] if granularity == "channel" else 1
+    scale_dtype, zeros = "float32", (count,)
+    if granularity == "group":
+        if "group_size" not in raw:
+            _fail(path, "group granularity needs the key 'group_size'", name)
+        size = raw["group_size"]
+        if type(size) is not int or not 1 <= size <= MAX_ELEMENTS:
+            _fail(
+                path, f"group_size must be an integer from 1 to {MAX_ELEMENTS}, got {size!r}", name
+            )
+        scale_dtype = _text(raw.get("scale_dtype", "float32"), "scale_dtype", path, name)
+        if scale_dtype not in SCALE_DTYPES:
+            _fail(path, f"unsupported scale_dtype {scale_dtype!r}", name, E.UnsupportedError)
+        entry.group_size, entry.scale_dtype = size, scale_dtype
+        count = group_count(entry.shape, size)
+        zeros = (count, 1)  # one zero point may serve every group
+    else:
+        for key in ("group_size", "scale_dtype"):
+            if key in raw:
+                _fail(path, f"{key} belongs to group granularity, not {granularity!r}", name)
     scheme = raw.get("scheme")
     if "scheme" in raw:  # optional, but a str when present: nil is not a str
         _text(scheme, "scheme", path, name)
@@ -656,8 +714,12 @@ def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
     entry.dequant = dequant
     entry.granularity = granularity
     entry.scheme = scheme
-    entry.scale = _f32_array(raw["scale"], count, "scale", path, name)
-    entry.zero_point = _f32_array(raw["zero_point"], count, "zero_point", path, name)
+    entry.scale = _param_array(raw["scale"], (count,), scale_dtype, "scale", path, name)
+    zero = _param_array(raw["zero_point"], zeros, scale_dtype, "zero_point", path, name)
+    if zero.size != count:  # one value for every group
+        entry.shared_zero = True
+        zero = np.full(count, zero[0], dtype=np.float32)
+    entry.zero_point = zero
 
 
 def _validate_huffman(entry: TensorEntry, raw: dict, path) -> None:

@@ -72,7 +72,10 @@ def decode_codes_values(
 ) -> np.ndarray:
     """The float32 values that codes decode to (spec section 6.1), in the tensor's shape
     (written into ``out``, a flat float32 array of ``numel`` elements, when given)."""
-    return dequantize(codes, entry.scale, entry.zero_point, out).reshape(entry.shape)
+    row, run = entry.runs
+    return dequantize(codes, entry.scale, entry.zero_point, out, row=row, run=run).reshape(
+        entry.shape
+    )
 
 
 def decode_payload(
@@ -153,9 +156,10 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if out is None:
         out = np.empty(entry.numel, dtype=np.float32)
     scale, zero = entry.scale, entry.zero_point
+    row, run = entry.runs
     if entry.storage == PACKED:
         check_packed_padding(entry, data, path)
-        dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out)
+        dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out, row=row, run=run)
     elif entry.group == 1 and not (entry.chunk and lanes_pay(entry.length, entry.numel)):
         # a symbol is a code: straight to its value (checking any chunk index on the way)
         lengths, chunk, starts = entry.code_lengths, entry.chunk, entry.chunk_starts
@@ -163,12 +167,17 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
             entry,
             data,
             path,
-            lambda n: (None, decode_values(data, lengths, n, scale, zero, out, chunk, starts)),
+            lambda n: (
+                None,
+                decode_values(data, lengths, n, scale, zero, out, chunk, starts, row=row, run=run),
+            ),
         )
     else:
         count = -(-entry.numel // entry.group)
         symbols = _huffman_symbols(entry, data, path, scratch("symbols", count))
-        dequantize_stream(symbols, entry.bits, entry.group, entry.numel, scale, zero, out)
+        dequantize_stream(
+            symbols, entry.bits, entry.group, entry.numel, scale, zero, out, row=row, run=run
+        )
     return out.reshape(entry.shape)
 
 

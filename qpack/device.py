@@ -178,9 +178,10 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 def _dequantize(codes: torch.Tensor, entry: TensorEntry, device: torch.device) -> torch.Tensor:
-    """Spec section 6.1 on the device: the flat codes split into one equal run per
-    scale/zero_point pair; each code becomes ``fl32(scale * fl32(fl32(q) - zero_point))``,
-    two separate float32 ops in that order (eager torch: no fusion, no FMA)."""
+    """Spec section 6.1 on the device: the flat codes split into the runs of
+    :attr:`TensorEntry.runs`, one per scale/zero_point pair; each code becomes
+    ``fl32(scale * fl32(fl32(q) - zero_point))``, two separate float32 ops in that order
+    (eager torch: no fusion, no FMA)."""
     values = torch.empty(codes.shape, dtype=torch.float32, device=device)
     return _dequantize_into(codes, entry, values)
 
@@ -190,6 +191,17 @@ def _dequantize_into(codes: torch.Tensor, entry: TensorEntry, out: torch.Tensor)
     # device (a blocking copy would stall the host on every tensor's kernels)
     params = np.stack((np.asarray(entry.scale), np.asarray(entry.zero_point))).astype(np.float32)
     scale, zero = torch.from_numpy(params.reshape(2, -1, 1)).to(out.device, non_blocking=True)
+    row, run = entry.runs
+    if run and run < row and row % run:  # short last groups: whole groups, then the rest
+        rows, per_row, whole = entry.numel // row, -(-row // run), row // run * run
+        grid = (rows, per_row - 1, run)
+        scale, zero = scale.view(rows, per_row, 1), zero.view(rows, per_row, 1)
+        codes, values = codes.view(rows, row), out.view(rows, row)
+        head = torch.sub(codes[:, :whole].unflatten(1, grid[1:]), zero[:, :-1])
+        values[:, :whole].unflatten(1, grid[1:]).copy_(head.mul_(scale[:, :-1]))
+        tail = torch.sub(codes[:, whole:], zero[:, -1])
+        values[:, whole:].copy_(tail.mul_(scale[:, -1]))
+        return out
     rows = out.view(scale.shape[0], -1)
     # uint8 - float32 computes in float32 (q < 256 converts exactly), then one product
     torch.sub(codes.view(rows.shape), zero, out=rows)

@@ -437,6 +437,9 @@ def decode_symbols(
     return symbols, used
 
 
+_NO_STARTS = np.zeros(0, dtype=np.int64)  # the chunk index of a stream without one
+
+
 def _index_args(chunk: int, starts, count: int) -> tuple[int, np.ndarray]:
     """A chunk index as the compiled kernels take it: a chunk of at most ``count`` (one
     chunk either way; a larger one would not fit a C integer) and int64 starts."""
@@ -489,12 +492,15 @@ def decode_values(
     out: np.ndarray,
     chunk: int | None = None,
     starts: np.ndarray | None = None,
+    *,
+    row: int = 0,
+    run: int = 0,
 ) -> int:
     """:func:`decode_symbols` for symbols of one code each, writing each code's float32
-    value (spec 6.1, run by run as :func:`qpack.schemes.dequantize`) into ``out`` instead
-    of the symbol; returns the used bits. The chunk index, if any, is checked, not used
-    to decode. Compiled kernels only."""
-    index = () if chunk is None or count == 0 else _index_args(chunk, starts, count)
+    value (spec 6.1, run by run as :func:`qpack.schemes.dequantize` with ``row`` and
+    ``run``) into ``out`` instead of the symbol; returns the used bits. The chunk index,
+    if any, is checked, not used to decode. Compiled kernels only."""
+    index = (0, _NO_STARTS) if chunk is None or count == 0 else _index_args(chunk, starts, count)
     return kernels.native.huffman_dequantize(
         data,
         np.ascontiguousarray(lengths, dtype=np.uint8),
@@ -503,6 +509,8 @@ def decode_values(
         np.ascontiguousarray(zero_point, dtype=np.float32),
         out,
         *index,
+        row,
+        run,
     )
 
 
@@ -625,9 +633,7 @@ def stream_bits(symbols_counts: np.ndarray, lengths: np.ndarray) -> int:
     return int((symbols_counts.astype(np.int64) * lengths.astype(np.int64)).sum())
 
 
-def best_group(
-    codes: np.ndarray, bits: int
-) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
+def best_group(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, int, np.ndarray, np.ndarray]:
     """The group size with the smallest stream plus code length table:
     (group, code lengths, stream bytes, symbols, symbol histogram).
 

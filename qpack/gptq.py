@@ -36,12 +36,15 @@ def gptq_codes(
     levels: int,
     *,
     granularity: str,
+    group_size: int | None = None,
     damp: float = 0.01,
     act_order: bool = True,
     block: int = 128,
 ) -> np.ndarray:
     """Codes for ``weight`` on the grid ``scale``/``zero_point`` (float32, one value for
-    ``granularity="tensor"``, one per output channel for ``"channel"``), chosen by GPTQ with
+    ``granularity="tensor"``, one per output channel for ``"channel"``, one per group of
+    ``group_size`` columns of each channel for ``"group"``: the grid is fixed before any
+    code is chosen, whatever the column order), chosen by GPTQ with
     ``hessian`` (groups, cols, cols) (or (cols, cols) for one group), where cols is the
     width of ``weight.reshape(out_channels, -1)`` and the rows of group g use
     ``hessian[g]``.
@@ -65,17 +68,16 @@ def gptq_codes(
         raise ValueError(f"block must be a positive integer, got {block!r}")
     if not np.isfinite(rows).all():
         raise ValueError("weight must be finite")
-    scale, zero = _grid_per_row(rows.shape[0], scale, zero_point, granularity)
+    scale, zero = _grid_per_cell(rows.shape, scale, zero_point, granularity, group_size)
     codes = np.empty(rows.shape, dtype=np.uint8)
     per_group = rows.shape[0] // groups
     for g in range(groups):
         r = slice(g * per_group, (g + 1) * per_group)
-        shape = (per_group, rows.shape[1])  # a grid per row, viewed per (row, column)
         codes[r] = _gptq(
             rows[r],
             h[g],
-            np.broadcast_to(scale[r, None], shape),
-            np.broadcast_to(zero[r, None], shape),
+            scale[r],
+            zero[r],
             levels - 1,
             damp=damp,
             act_order=act_order,
@@ -101,6 +103,7 @@ def gptq_quantize(
         q.zero_point,
         levels_for(bits),
         granularity=q.granularity,
+        group_size=q.group_size,
         **options,
     )
     return replace(q, codes=codes)
@@ -141,15 +144,29 @@ def _grouped(shape: tuple[int, int], hessian: np.ndarray) -> tuple[int, np.ndarr
     return h.shape[0], h
 
 
-def _grid_per_row(
-    rows: int, scale: np.ndarray, zero_point: np.ndarray, granularity: str
+def _grid_per_cell(
+    shape: tuple[int, int],
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    granularity: str,
+    group_size: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 scale and zero point per row, checked."""
+    """Float32 scale and zero point of every (row, column) of a weight of ``shape``, checked
+    (views where the grid is one per row)."""
+    rows, cols = shape
     scale = np.asarray(scale, dtype=np.float32).reshape(-1)
     zero = np.asarray(zero_point, dtype=np.float32).reshape(-1)
-    expected = {"tensor": 1, "channel": rows}.get(granularity)
-    if expected is None:
-        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if granularity == "group":
+        if not (isinstance(group_size, (int, np.integer)) and group_size >= 1):
+            raise ValueError(f"group granularity needs a group_size >= 1, got {group_size!r}")
+        per_row = -(-cols // group_size)
+        expected = rows * per_row
+    else:
+        expected = {"tensor": 1, "channel": rows}.get(granularity)
+        if expected is None:
+            raise ValueError(
+                f"granularity must be 'tensor', 'channel' or 'group', got {granularity!r}"
+            )
     if scale.size != expected or zero.size != expected:
         raise ValueError(
             f"{granularity} granularity needs {expected} scale and zero point values, got "
@@ -157,7 +174,15 @@ def _grid_per_row(
         )
     if not (np.isfinite(scale).all() and np.isfinite(zero).all() and (scale != 0).all()):
         raise ValueError("scale must be finite and nonzero, zero_point finite")
-    return np.broadcast_to(scale, (rows,)), np.broadcast_to(zero, (rows,))
+    if granularity == "group":
+        column_group = np.arange(cols) // group_size
+        return (
+            scale.reshape(rows, per_row)[:, column_group],
+            zero.reshape(rows, per_row)[:, column_group],
+        )
+    per_row_scale = np.broadcast_to(scale, (rows,))[:, None]
+    per_row_zero = np.broadcast_to(zero, (rows,))[:, None]
+    return np.broadcast_to(per_row_scale, shape), np.broadcast_to(per_row_zero, shape)
 
 
 def _gptq(

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import errors as E
 from .container import FLOAT_DTYPES
-from .schemes import DEFAULT_SCHEME, SCHEMES, levels_for
+from .schemes import DEFAULT_SCHEME, check_scheme, levels_for
 
 __all__ = [
     "DEFAULT_BITS",
@@ -114,10 +114,14 @@ def _pick(option, name: str, default: str) -> str:
 
 
 def _check(names: list[str], bits, scheme, rounding) -> None:
-    for option, known, what in ((scheme, SCHEMES, "scheme"), (rounding, ROUNDINGS, "rounding")):
-        for value in option.values() if isinstance(option, Mapping) else [option]:
-            if value not in known:
-                raise E.EncodeError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+    for value in scheme.values() if isinstance(scheme, Mapping) else [scheme]:
+        try:
+            check_scheme(value)
+        except ValueError as exc:
+            raise E.EncodeError(str(exc)) from None
+    for value in rounding.values() if isinstance(rounding, Mapping) else [rounding]:
+        if value not in ROUNDINGS:
+            raise E.EncodeError(f"unknown rounding {value!r}; known: {', '.join(ROUNDINGS)}")
     for option, what in ((bits, "bits"), (scheme, "scheme"), (rounding, "rounding")):
         if isinstance(option, Mapping):
             unknown = sorted(set(option) - set(names))

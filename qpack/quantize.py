@@ -10,6 +10,7 @@ model's inputs that this stage does not have.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ def quantize_tensor(
         q = quantize(values, plan.bits, plan.scheme)
     except ValueError as exc:  # e.g. fractional bits for the origin's symmetric quantizer
         raise E.EncodeError(str(exc), tensor=name) from None
-    if q.granularity == "channel" and array.ndim == 0:
+    if q.granularity != "tensor" and array.ndim == 0:
         raise E.EncodeError(
             f"{plan.scheme} needs at least one dimension; use a per-layer scheme", tensor=name
         )
@@ -69,7 +70,7 @@ def quantize_tensor(
             )
         codes = rounder(name, values, q, levels_for(plan.bits))
         if codes is not None:
-            q = Quantized(codes, q.scale, q.zero_point, q.granularity, q.bits)
+            q = replace(q, codes=codes)
     return q
 
 
@@ -84,11 +85,17 @@ def gptq_rounder(stats: Mapping[str, Any], cache: dict | None = None) -> Rounder
         layer = stats.get(name)
         if layer is None:
             return None
-        key = (name, levels, q.granularity, q.scale.tobytes(), q.zero_point.tobytes())
+        key = (name, levels, q.granularity, q.group_size, q.scale.tobytes(), q.zero_point.tobytes())
         if cache is not None and key in cache:
             return cache[key]
         codes = gptq_codes(
-            values, layer.hessian, q.scale, q.zero_point, levels, granularity=q.granularity
+            values,
+            layer.hessian,
+            q.scale,
+            q.zero_point,
+            levels,
+            granularity=q.granularity,
+            group_size=q.group_size,
         )
         if cache is not None:
             codes.flags.writeable = False  # shared by every plan that uses this grid

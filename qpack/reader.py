@@ -23,6 +23,7 @@ from .container import (
     PREAMBLE_SIZE,
     QUANTIZED_KINDS,
     RAW,
+    SCALE_DTYPES,
     Header,
     TensorEntry,
     read_header,
@@ -296,12 +297,20 @@ def _numpy_arrays(reader: Reader) -> dict[str, np.ndarray]:
     }
 
 
+def _param_bytes(entry: TensorEntry) -> int:
+    """Bytes of the header's ``scale`` and ``zero_point`` of a quantized tensor."""
+    size = np.dtype(SCALE_DTYPES[entry.scale_dtype]).itemsize
+    return size * (entry.scale.size + (1 if entry.shared_zero else entry.zero_point.size))
+
+
 def describe(reader: Reader, stats: bool = False) -> dict:
     """The header as plain Python data (what ``qpack inspect`` shows). With ``stats``, the
     codes of quantized tensors are read to add their empirical entropy bound."""
     tensors = []
     for e in reader.header.tensors:
         quantized = e.storage in QUANTIZED_KINDS
+        # the header's scale and zero_point bytes: a quantized tensor's cost beside its codes
+        params = _param_bytes(e) if quantized else 0
         row = {
             "name": e.name,
             "shape": list(e.shape),
@@ -312,10 +321,14 @@ def describe(reader: Reader, stats: bool = False) -> dict:
             "offset": e.offset,
             "bytes": e.length,
             "crc32": f"{e.crc32:08x}",
-            "bits_per_weight": 8 * e.length / e.numel if e.numel else 0.0,
+            "param_bytes": params,
+            "bits_per_weight": 8 * (e.length + params) / e.numel if e.numel else 0.0,
         }
         if quantized:
             row["granularity"] = e.granularity
+            if e.granularity == "group":
+                row["group_size"] = e.group_size
+                row["scale_dtype"] = e.scale_dtype
             row["scale"] = [float(v) for v in e.scale]
             row["zero_point"] = [float(v) for v in e.zero_point]
             if e.storage == HUFFMAN:

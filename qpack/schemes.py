@@ -1,7 +1,10 @@
 """Quantization schemes (spec/FORMAT.md section 6).
 
 A scheme turns a float tensor into unsigned ``bits``-bit codes plus float32 ``scale`` and
-``zero_point`` arrays (one entry per tensor, or one per output channel along axis 0).
+``zero_point`` arrays: one entry per tensor, one per output channel along axis 0, or one per
+group of ``group_size`` codes along each channel's row (its last group possibly short).
+A per-group scheme is named with its group size, ``"asymmetric-per-group-64"``; without
+one it uses :data:`DEFAULT_GROUP_SIZE`.
 Every scheme is decoded by the same affine rule, evaluated in IEEE float32::
 
     w = scale * (float32(q) - zero_point)
@@ -12,7 +15,7 @@ header is informational. Quantizing runs in numpy; only decoding must be bit-exa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +31,11 @@ QUANT_BLOCK = 1 << 17
 __all__ = [
     "SCHEMES",
     "DEFAULT_SCHEME",
+    "DEFAULT_GROUP_SIZE",
+    "GROUP_SCHEMES",
     "Quantized",
+    "check_scheme",
+    "parse_scheme",
     "quantize",
     "levels_for",
     "code_bits",
@@ -37,7 +44,13 @@ __all__ = [
     "decodes_finite",
 ]
 
-Granularity = Literal["tensor", "channel"]
+Granularity = Literal["tensor", "channel", "group"]
+
+# Codes per group of a per-group scheme named without a size: GGUF's block of 32 weights.
+DEFAULT_GROUP_SIZE = 32
+# binary16's range of normal numbers: a per-group scale outside it is stored as binary32
+# (a subnormal scale would lose the relative precision the grid was chosen with)
+HALF_MIN, HALF_MAX = 2.0**-14, 65504.0
 
 
 @dataclass(frozen=True)
@@ -49,10 +62,18 @@ class Quantized:
     zero_point: np.ndarray  # float32, one per group
     granularity: Granularity
     bits: int  # width of the codes: every code is below 2**bits
+    # granularity "group": codes per group, and codes per row (the row a channel's codes)
+    group_size: int | None = None
+    row: int = 0
+    # how the file stores scale and zero point ("float16": every value is a binary16)
+    scale_dtype: str = "float32"
+    shared_zero: bool = False  # every group has the same zero point: the file stores one
 
     def values(self) -> np.ndarray:
         """The flat float32 values the codes decode to (spec section 6.1)."""
-        return dequantize(self.codes, self.scale, self.zero_point)
+        return dequantize(
+            self.codes, self.scale, self.zero_point, row=self.row, run=self.group_size or 0
+        )
 
 
 def levels_for(bits: float) -> int:
@@ -125,10 +146,16 @@ def _range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.maximum(rows.max(axis=1), 0).astype(np.float64)
 
 
-def _grid(lo: np.ndarray, hi: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row affine grid over [lo, hi] (which holds 0): float32 scale, float64 zero point."""
+def _grid(
+    lo: np.ndarray, hi: np.ndarray, top: int, half: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row affine grid over [lo, hi] (which holds 0): float32 scale (rounded to binary16
+    first when ``half``, so that codes are chosen on the grid the file stores), float64
+    zero point."""
     with np.errstate(over="ignore"):  # huge ranges overflow; the caller rejects them
         scale = ((hi - lo) / top).astype(np.float32)
+        if half:
+            scale = scale.astype(np.float16).astype(np.float32)
     scale[~(scale > 0)] = np.float32(1)  # constant-zero channel: any scale decodes to 0
     return scale, np.clip(np.round(-lo / scale.astype(np.float64)), 0, top)
 
@@ -145,58 +172,33 @@ def _codes_into(rows, scale, zero, top, out) -> np.ndarray:
     return t
 
 
-def _affine(w: np.ndarray, levels: int, granularity: Granularity) -> Quantized:
-    """Min/max affine quantization of float32 ``w`` per row or per tensor, block by block
-    (the tensor is never widened to float64 as a whole)."""
-    rows = as_rows(w) if granularity == "channel" else w.reshape(1, -1)
+# A row quantizer: float32 rows (one grid each), levels, binary16 scales? ->
+# (uint8 codes of the rows' shape, float32 scale per row, float64 zero point per row).
+RowQuantizer = Callable[[np.ndarray, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _affine_rows(rows: np.ndarray, levels: int, half: bool = False):
+    """Min/max affine quantization of each row, range widened to hold 0, block by block (the
+    rows are never widened to float64 as a whole)."""
     top = levels - 1
-    scale, zero = _grid(*_range(rows), top)
+    scale, zero = _grid(*_range(rows), top, half)
     codes = np.empty(rows.shape, dtype=np.uint8)
     if kernels.native is not None and rows.size:  # the same codes in one pass
         kernels.native.quantize(np.ascontiguousarray(rows), scale, zero, top, codes)
-        return _result(codes, scale, zero, levels, granularity)
+        return codes, scale, zero
     for r, c in blocks(*rows.shape):
         _codes_into(rows[r, c], scale[r], zero[r], top, codes[r, c])
-    return _result(codes, scale, zero, levels, granularity)
-
-
-def _result(codes, scale, zero, levels, granularity: Granularity) -> Quantized:
-    return Quantized(
-        codes=codes.reshape(-1),
-        scale=scale,
-        zero_point=zero.astype(np.float32),
-        granularity=granularity,
-        bits=code_bits(levels),
-    )
-
-
-def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
-    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
-
-    Holding 0 keeps the integer zero point inside the code range, so every weight lies
-    within half a step of the grid.
-    """
-    return _affine(w, levels, "channel")
-
-
-def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
-    """Min/max affine quantization with one step for the whole tensor (range holds 0).
-
-    With entropy coding this is usually the better grid: a uniform step spends bits where
-    the weights are, whereas per-channel steps refine wide channels for nothing.
-    """
-    return _affine(w, levels, "tensor")
+    return codes, scale, zero
 
 
 # Fractions of each channel's [min, max] range tried by the clipping search.
 CLIP_RATIOS = np.linspace(1.0, 0.3, 29)
 
 
-def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
-    """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
-    1.0 down to 0.3) that minimizes its squared reconstruction error: clipping a few outliers
-    buys a finer step for all the other weights. Never worse than min/max per channel."""
-    rows = as_rows(w)
+def _mse_rows(rows: np.ndarray, levels: int, half: bool = False):
+    """Like :func:`_affine_rows`, but each row's range is shrunk by the ratio (from 1.0 down
+    to 0.3) that minimizes its squared reconstruction error: clipping a few outliers buys a
+    finer step for all the other weights. Never worse than min/max per row."""
     lo, hi = _range(rows)
     top = levels - 1
     scale = np.empty(rows.shape[0], dtype=np.float32)
@@ -207,7 +209,7 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
         trial = np.empty(block.shape, dtype=np.uint8)
         best_err = None
         for ratio in CLIP_RATIOS:
-            s, z = _grid(lo[r] * ratio, hi[r] * ratio, top)
+            s, z = _grid(lo[r] * ratio, hi[r] * ratio, top, half)
             q = _codes_into(block, s, z, top, trial)
             q -= z[:, None]
             q *= s.astype(np.float64)[:, None]
@@ -217,7 +219,123 @@ def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
             best_err = err if best_err is None else np.where(better, err, best_err)
             scale[r][better], zero[r][better] = s[better], z[better]
             codes[r][better] = trial[better]
+    return codes, scale, zero
+
+
+def _symmetric_rows(rows: np.ndarray, levels: int, half: bool = False):
+    """One zero point ``h = levels // 2`` for every row, and per row the scale ``-v / h``,
+    ``v`` its weight of largest magnitude: ``v`` is code 0 exactly, so the full range
+    ``[-h, levels - 1 - h]`` is used on the side of the largest weight (GGUF's Q4_0 grid at
+    4 bits)."""
+    h = levels // 2
+    peak = np.zeros(rows.shape[0], dtype=np.float32)
+    if rows.shape[1]:
+        at = np.abs(rows).argmax(axis=1)
+        peak = rows[np.arange(rows.shape[0]), at]
+    with np.errstate(over="ignore"):
+        scale = (peak.astype(np.float64) / -h).astype(np.float32)
+        if half:
+            scale = scale.astype(np.float16).astype(np.float32)
+    scale[~(scale != 0)] = np.float32(1)  # all-zero row: any scale decodes to 0
+    zero = np.full(rows.shape[0], float(h))
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    for r, c in blocks(*rows.shape):
+        _codes_into(rows[r, c], scale[r], zero[r], levels - 1, codes[r, c])
+    return codes, scale, zero
+
+
+def _per_tensor(w: np.ndarray, levels: int, fn: RowQuantizer) -> Quantized:
+    codes, scale, zero = fn(w.reshape(1, -1), levels, False)
+    return _result(codes, scale, zero, levels, "tensor")
+
+
+def _per_channel(w: np.ndarray, levels: int, fn: RowQuantizer) -> Quantized:
+    codes, scale, zero = fn(as_rows(w), levels, False)
     return _result(codes, scale, zero, levels, "channel")
+
+
+def _result(codes, scale, zero, levels, granularity: Granularity, **group) -> Quantized:
+    return Quantized(
+        codes=codes.reshape(-1),
+        scale=scale,
+        zero_point=zero.astype(np.float32),
+        granularity=granularity,
+        bits=code_bits(levels),
+        **group,
+    )
+
+
+def _per_group(w: np.ndarray, levels: int, fn: RowQuantizer, size: int, shared: bool):
+    """``fn`` on every group of ``size`` codes of every channel's row: the whole groups of
+    all rows as one set of rows, the short last groups (if any) as another. Scales are
+    binary16 where every one is a normal binary16 number, else binary32."""
+    rows = as_rows(w)
+    channels, inner = rows.shape
+    whole = inner // size * size
+    parts = [(slice(0, whole), rows[:, :whole].reshape(-1, size))] if whole and channels else []
+    if whole < inner and channels:
+        parts.append((slice(whole, inner), rows[:, whole:]))
+    groups = -(-inner // size)
+    for half in (True, False):
+        codes = np.empty(rows.shape, dtype=np.uint8)
+        scale = np.empty((channels, groups), dtype=np.float32)
+        zero = np.empty((channels, groups))
+        done = 0
+        for cols, part in parts:
+            c, s, z = fn(np.ascontiguousarray(part), levels, half)
+            k = part.shape[0] // channels  # groups per row in this part
+            codes[:, cols] = c.reshape(channels, -1)
+            scale[:, done : done + k] = s.reshape(channels, k)
+            zero[:, done : done + k] = z.reshape(channels, k)
+            done += k
+        magnitude = np.abs(scale)
+        if not half or ((magnitude >= HALF_MIN) & (magnitude <= HALF_MAX)).all():
+            break
+    return _result(
+        codes,
+        scale.reshape(-1),
+        zero.reshape(-1),
+        levels,
+        "group",
+        group_size=size,
+        row=inner,
+        scale_dtype="float16" if half else "float32",
+        shared_zero=shared,
+    )
+
+
+def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
+    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
+
+    Holding 0 keeps the integer zero point inside the code range, so every weight lies
+    within half a step of the grid.
+    """
+    return _per_channel(w, levels, _affine_rows)
+
+
+def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
+    """Min/max affine quantization with one step for the whole tensor (range holds 0).
+
+    With entropy coding this is usually the better grid: a uniform step spends bits where
+    the weights are, whereas per-channel steps refine wide channels for nothing.
+    """
+    return _per_tensor(w, levels, _affine_rows)
+
+
+def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
+    """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
+    1.0 down to 0.3) that minimizes its squared reconstruction error."""
+    return _per_channel(w, levels, _mse_rows)
+
+
+def _group_scheme(fn: RowQuantizer, shared: bool):
+    def scheme(w: np.ndarray, levels: int, size: int = DEFAULT_GROUP_SIZE) -> Quantized:
+        if w.ndim == 0:
+            raise ValueError("per-group schemes need at least one dimension")
+        return _per_group(w, levels, fn, size, shared)
+
+    scheme.__doc__ = f"{fn.__doc__.split(chr(10))[0]} (per group of codes)"
+    return scheme
 
 
 SCHEMES = {
@@ -225,17 +343,42 @@ SCHEMES = {
     "asymmetric-per-channel": _asymmetric_per_channel,
     "asymmetric-per-layer": _asymmetric_per_layer,
     "mse-per-channel": _mse_per_channel,
+    "asymmetric-per-group": _group_scheme(_affine_rows, False),
+    "symmetric-per-group": _group_scheme(_symmetric_rows, True),
+    "mse-per-group": _group_scheme(_mse_rows, False),
 }
+GROUP_SCHEMES = ("asymmetric-per-group", "symmetric-per-group", "mse-per-group")
 DEFAULT_SCHEME = "asymmetric-per-channel"
+
+
+def parse_scheme(scheme: str) -> tuple[str, int | None]:
+    """(base scheme name, group size or None) of a scheme name such as
+    ``"symmetric-per-group-64"``; raises ValueError for a name no scheme has."""
+    if isinstance(scheme, str):
+        if scheme in GROUP_SCHEMES:
+            return scheme, DEFAULT_GROUP_SIZE
+        if scheme in SCHEMES:
+            return scheme, None
+        base, _, size = scheme.rpartition("-")
+        if base in GROUP_SCHEMES and size.isdigit() and size[0] != "0" and len(size) < 15:
+            return base, int(size)
+    raise ValueError(
+        f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)} (a per-group scheme may "
+        f"end in its group size, e.g. symmetric-per-group-64)"
+    )
+
+
+def check_scheme(scheme: str) -> str:
+    """``scheme`` when it names a scheme (see :func:`parse_scheme`), else ValueError."""
+    parse_scheme(scheme)
+    return scheme
 
 
 def quantize(w: np.ndarray, bits: float, scheme: str = DEFAULT_SCHEME) -> Quantized:
     """Quantize a finite float array to ``levels_for(bits)`` levels with the named scheme."""
-    try:
-        fn = SCHEMES[scheme]
-    except KeyError:
-        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}") from None
-    return fn(np.asarray(w, dtype=np.float32), levels_for(bits))
+    base, size = parse_scheme(scheme)
+    w, levels = np.asarray(w, dtype=np.float32), levels_for(bits)
+    return SCHEMES[base](w, levels) if size is None else SCHEMES[base](w, levels, size)
 
 
 def dequantize_table(bits: int, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
@@ -277,12 +420,16 @@ def dequantize(
     scale: np.ndarray,
     zero_point: np.ndarray,
     out: np.ndarray | None = None,
+    *,
+    row: int = 0,
+    run: int = 0,
 ) -> np.ndarray:
-    """Decode flat uint8 codes to a flat float32 array (spec section 6.1): the codes split
-    into ``scale.size`` equal runs in order, run ``g`` decoding as
-    ``scale[g] * (float32(q) - zero_point[g])``, two float32 operations in that order (the
-    same values as :func:`dequantize_table`). Works block by block, into ``out`` if given."""
-    groups = scale.size
+    """Decode flat uint8 codes to a flat float32 array (spec section 6.1): run ``g`` of the
+    codes decodes as ``scale[g] * (float32(q) - zero_point[g])``, two float32 operations in
+    that order (the same values as :func:`dequantize_table`). The runs: ``scale.size``
+    equal runs in order, or with ``run`` (granularity "group"), rows of ``row`` codes each
+    split into runs of ``run``, the last of a row possibly short. Works block by block,
+    into ``out`` if given."""
     if out is None:
         out = np.empty(codes.size, dtype=np.float32)
     if codes.size == 0:
@@ -290,25 +437,55 @@ def dequantize(
     native = kernels.native is not None and codes.dtype == np.uint8
     if native and out.dtype == np.float32 and out.flags.c_contiguous:
         # a byte is a code: 8-bit codes, one to a symbol
-        dequantize_stream(np.ascontiguousarray(codes), 8, 1, codes.size, scale, zero_point, out)
+        codes = np.ascontiguousarray(codes)
+        dequantize_stream(codes, 8, 1, codes.size, scale, zero_point, out, row=row, run=run)
         return out
+    scale = scale.astype(np.float32, copy=False).reshape(-1)
+    zero = zero_point.astype(np.float32, copy=False).reshape(-1)
+    if run and row % run and run < row:  # short last runs: whole runs, then the rest
+        rows, per_row, whole = codes.size // row, -(-row // run), row // run * run
+        codes, dest = codes.reshape(rows, row), out.reshape(rows, row)
+        scale, zero = scale.reshape(rows, per_row), zero.reshape(rows, per_row)
+        shape = (rows, per_row - 1, run)
+        _affine_into(
+            codes[:, :whole].reshape(shape),
+            dest[:, :whole].reshape(shape),
+            scale[:, :-1, None],
+            zero[:, :-1, None],
+        )
+        _affine_into(codes[:, whole:], dest[:, whole:], scale[:, -1:], zero[:, -1:])
+        return out
+    groups = scale.size
     rows = codes.reshape(groups, -1)
     dest = out.reshape(groups, -1)
-    scale = scale.astype(np.float32, copy=False).reshape(groups, 1)
-    zero = zero_point.astype(np.float32, copy=False).reshape(groups, 1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for r, c in blocks(*rows.shape):
-            np.subtract(rows[r, c], zero[r], out=dest[r, c], dtype=np.float32)
-            np.multiply(dest[r, c], scale[r], out=dest[r, c], dtype=np.float32)
+    scale, zero = scale.reshape(groups, 1), zero.reshape(groups, 1)
+    for r, c in blocks(*rows.shape):
+        _affine_into(rows[r, c], dest[r, c], scale[r], zero[r])
     return out
 
 
+def _affine_into(codes, dest, scale, zero) -> None:
+    """``dest = scale * (float32(codes) - zero)``, two float32 operations (broadcasting)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(codes, zero, out=dest, dtype=np.float32)
+        np.multiply(dest, scale, out=dest, dtype=np.float32)
+
+
 def dequantize_stream(
-    src, bits: int, group: int, count: int, scale: np.ndarray, zero_point: np.ndarray, out
+    src,
+    bits: int,
+    group: int,
+    count: int,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    out,
+    *,
+    row: int = 0,
+    run: int = 0,
 ) -> None:
     """:func:`dequantize` by the compiled kernel, reading the ``count`` codes straight
     from a packed stream (``group`` 0, spec 5.1) or from Huffman symbols of ``group``
     codes each (spec 5.2) into float32 ``out``: no array of codes is made."""
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     zero = np.ascontiguousarray(zero_point, dtype=np.float32)
-    kernels.native.dequantize(src, bits, group, count, scale, zero, out)
+    kernels.native.dequantize(src, bits, group, count, scale, zero, out, row, run)

@@ -67,6 +67,9 @@ def quantized_entry(
         granularity=q.granularity,
         scale=q.scale,
         zero_point=q.zero_point,
+        group_size=q.group_size,
+        scale_dtype=q.scale_dtype,
+        shared_zero=q.shared_zero,
     )
     if entropy:
         group, lengths, stream, symbols, counts = best_group(q.codes, q.bits)

@@ -387,7 +387,7 @@ SCHEMA_CASES = [
     ("dtype_unknown", _set(1, "dtype", "float8"), E.UnsupportedError, B),
     ("storage_unknown", _set(1, "storage", "zstd"), E.UnsupportedError, B),
     ("dequant_unknown", _set(0, "dequant", "lut"), E.UnsupportedError, W),
-    ("granularity_unknown", _set(0, "granularity", "group"), E.UnsupportedError, W),
+    ("granularity_unknown", _set(0, "granularity", "block"), E.UnsupportedError, W),
     ("packed_int_dtype", _set(0, "dtype", "int64"), E.HeaderError, W),
     ("channel_on_scalar", _scalar_channel, E.HeaderError, W),
     ("missing_bits", _drop(0, "bits"), E.HeaderError, W),

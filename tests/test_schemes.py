@@ -240,7 +240,15 @@ def test_quantize_rejects_bad_options():
             quantize(w, bad, ASYM)
     with pytest.raises(ValueError):
         quantize(w, 4.5, SYM)  # the origin's quantizer needs whole bits
-    assert set(qpack.SCHEMES) == {SYM, ASYM, "asymmetric-per-layer", "mse-per-channel"}
+    assert set(qpack.SCHEMES) == {
+        SYM,
+        ASYM,
+        "asymmetric-per-layer",
+        "mse-per-channel",
+        "asymmetric-per-group",
+        "symmetric-per-group",
+        "mse-per-group",
+    }
     assert qpack.DEFAULT_SCHEME == ASYM
 
 

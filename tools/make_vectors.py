@@ -62,8 +62,9 @@ def _file(items, *, bits=8, scheme="asymmetric-per-channel", entropy=False, meta
     return qpack.encode(arrays, bits=bits, scheme=scheme, entropy=entropy, metadata=meta)
 
 
-def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> bytes:
-    """A file whose codes and affine parameters are chosen by hand, not by a quantizer."""
+def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w", **group) -> bytes:
+    """A file whose codes and affine parameters are chosen by hand, not by a quantizer
+    (``group``: group_size, scale_dtype and shared_zero of granularity "group")."""
     payload = pack_codes(np.asarray(codes, dtype=np.uint8), bits)
     entry = TensorEntry(
         name,
@@ -79,6 +80,7 @@ def _handmade(shape, bits, codes, scale, zero_point, granularity, name="w") -> b
         granularity=granularity,
         scale=np.asarray(scale, dtype=np.float32),
         zero_point=np.asarray(zero_point, dtype=np.float32),
+        **group,
     )
     return _single(entry, payload)
 
@@ -330,7 +332,46 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         _mutate(v["bits4_worked_example"][0], _add_key("x-deep", _nested(MAX_DEPTH - 1))),
         f"an unknown key holding arrays nested to depth {MAX_DEPTH} (the header map is depth 1)",
     )
+    v.update(_group_vectors())
     return v
+
+
+def _group_vectors() -> dict[str, tuple[bytes, str]]:
+    """Version 1.3: per-group affine parameters (spec sections 4.2 and 6.1)."""
+    r = _rng(13)
+    return {
+        "group_asymmetric_short_last": (
+            _handmade(
+                (2, 5),
+                3,
+                [0, 7, 3, 4, 5, 1, 2, 6, 7, 0],
+                [0.5, 0.25, 2.0, 0.125, 1.5, -0.75],
+                [3.0, 4.0, 0.0, 7.0, 2.0, 5.0],
+                "group",
+                group_size=2,
+            ),
+            "3-bit, shape [2, 5] in groups of 2: three groups a row (2, 2, 1 codes), six "
+            "float32 scale and zero point pairs",
+        ),
+        "group_symmetric_float16": (
+            _file(
+                [("w", (0.05 * r.standard_t(3, size=(4, 24))).astype(np.float32))],
+                bits=4,
+                scheme="symmetric-per-group-8",
+            ),
+            "4-bit symmetric-per-group in groups of 8: float16 scales and one shared zero point",
+        ),
+        "group_huffman": (
+            _file(
+                [("w", (0.05 * r.standard_t(3, size=(16, 80))).astype(np.float32))],
+                bits=4,
+                scheme="asymmetric-per-group-32",
+                entropy=True,
+            ),
+            "4-bit asymmetric-per-group in groups of 32 (rows of 80: a short last group), "
+            "float16 parameters, Huffman-coded",
+        ),
+    }
 
 
 def _future_minor(base: bytes) -> bytes:
@@ -638,6 +679,76 @@ def invalid_vectors(base: bytes) -> dict[str, tuple[bytes, str, str, str | None]
     return inv
 
 
+def _group_invalid(base: bytes) -> dict[str, tuple[bytes, str, str, str | None]]:
+    """Defects of version 1.3's group keys, each in a copy of the valid ``base``."""
+
+    def edit(fn):
+        return _mutate(base, fn, (1, 3))
+
+    def set_key(key, value):
+        def fn(header, data):
+            header["tensors"][0][key] = value
+
+        return fn
+
+    def on_channel(header, data):
+        tensor = header["tensors"][0]
+        tensor["granularity"] = "channel"
+        tensor.pop("scale_dtype")
+        tensor["scale"] = tensor["scale"][: 2 * 16] * 2
+        tensor["zero_point"] = tensor["zero_point"][: 2 * 16] * 2
+
+    def short_scale(header, data):
+        header["tensors"][0]["scale"] = header["tensors"][0]["scale"][:-2]
+
+    def inf_scale(header, data):
+        header["tensors"][0]["scale"] = b"\x00\x7c" + header["tensors"][0]["scale"][2:]
+
+    scalar = _handmade((1,), 4, [3], [0.5], [8.0], "group", group_size=1)
+
+    def on_scalar(header, data):
+        header["tensors"][0]["shape"] = []
+
+    return {
+        "group_size_zero": (
+            edit(set_key("group_size", 0)),
+            "bad-header",
+            "a group_size of 0",
+            None,
+        ),
+        "group_size_on_channel": (
+            edit(on_channel),
+            "bad-header",
+            "group_size on a channel-granularity tensor (whose scales fit the channels)",
+            None,
+        ),
+        "group_scale_count": (
+            edit(short_scale),
+            "bad-header",
+            "one float16 scale fewer than the groups",
+            None,
+        ),
+        "group_scale_dtype_unknown": (
+            edit(set_key("scale_dtype", "bfloat16")),
+            "unsupported-feature",
+            "a scale_dtype this reader does not know",
+            None,
+        ),
+        "group_float16_inf_scale": (
+            edit(inf_scale),
+            "bad-header",
+            "a float16 scale of infinity (0x7C00)",
+            None,
+        ),
+        "group_on_scalar": (
+            _mutate(scalar, on_scalar, (1, 3)),
+            "bad-header",
+            "group granularity on a scalar tensor",
+            None,
+        ),
+    }
+
+
 # {"tensors": [], "data_size": 0, "x": ...}, the value of "x" to be appended
 _EMPTY_HEADER = b"\x83\xa7tensors\x90\xa9data_size\x00\xa1x"
 
@@ -740,6 +851,9 @@ def expectation(blob: bytes) -> dict:
         if entry.storage in QUANTIZED_KINDS:
             row["bits"] = entry.bits
             row["granularity"] = entry.granularity
+            if entry.granularity == "group":
+                row["group_size"] = entry.group_size
+                row["scale_dtype"] = entry.scale_dtype
             if entry.storage == "huffman":
                 row["group"] = entry.group
             row["decoded_dtype"] = "float32"
@@ -768,7 +882,9 @@ def build() -> dict[str, bytes]:
         manifest["valid"].append(
             {"file": f"valid/{name}.qpk", "expected": f"valid/{name}.json", "description": text}
         )
-    for name, (blob, code, text, tensor) in invalid_vectors(valid["mini_unet_block"][0]).items():
+    invalid = invalid_vectors(valid["mini_unet_block"][0])
+    invalid.update(_group_invalid(valid["group_huffman"][0]))
+    for name, (blob, code, text, tensor) in invalid.items():
         files[f"invalid/{name}.qpk"] = blob
         case = {"file": f"invalid/{name}.qpk", "error": code, "description": text}
         if tensor is not None:

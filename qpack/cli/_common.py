@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
+from ..schemes import check_scheme
+
 PROG = "qpack"
 # Progress bars appear on a terminal for models at least this large (parameters).
 PROGRESS_MIN_PARAMS = 5_000_000
@@ -45,6 +47,14 @@ def bits_arg(text: str) -> int:
     if not float(value).is_integer():
         raise argparse.ArgumentTypeError(f"bits must be an integer from 1 to 8, got {text!r}")
     return int(value)
+
+
+def scheme_arg(text: str) -> str:
+    """A scheme name (:data:`qpack.SCHEMES`, a per-group one possibly ending in its size)."""
+    try:
+        return check_scheme(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def width_arg(text: str) -> float:

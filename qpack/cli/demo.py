@@ -7,7 +7,7 @@ import sys
 import time
 
 from ..schemes import DEFAULT_SCHEME, SCHEMES
-from ._common import bits_arg, positive_int
+from ._common import bits_arg, positive_int, scheme_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--scheme",
-        choices=list(SCHEMES),
+        type=scheme_arg,
         default=None,
-        help=f"quantization scheme (default {DEFAULT_SCHEME})",
+        metavar="SCHEME",
+        help=f"quantization scheme (default {DEFAULT_SCHEME}); one of {', '.join(SCHEMES)}",
     )
     p.add_argument(
         "--origin",

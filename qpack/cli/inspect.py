@@ -53,6 +53,14 @@ def _format_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _granularity(t: Mapping[str, Any]) -> str:
+    """tensor, channel, or group/SIZE (with "f16" where scales are binary16)."""
+    if t.get("granularity") != "group":
+        return t.get("granularity") or "-"
+    half = " f16" if t.get("scale_dtype") == "float16" else ""
+    return f"group/{t['group_size']}{half}"
+
+
 def format_inspect(info: Mapping[str, Any]) -> str:
     """The human-readable ``qpack inspect`` report for a :func:`qpack.inspect` dict."""
     head = (
@@ -75,7 +83,7 @@ def format_inspect(info: Mapping[str, Any]) -> str:
             t["storage"],
             _bits(t),
             t["scheme"],
-            t.get("granularity") or "-",
+            _granularity(t),
             f"{t['bytes']:,}",
             f"{t['bits_per_weight']:.2f}",
             _bound(t),
@@ -105,6 +113,7 @@ def format_inspect(info: Mapping[str, Any]) -> str:
         f"file size:    {tot['file_size']:,} bytes",
         f"float32 size: {tot['float32_bytes']:,} bytes (4 bytes per parameter)",
         f"ratio:        {tot['ratio']:.2f}x",
+        "bits/weight: the tensor's bytes and its scales and zero points in the header",
         "entropy bound: n * H(codes) of each quantized tensor: the least a coder of one "
         "code at a time could store them in (coding codes in groups, as qpack may, can go "
         "below it)",

@@ -25,6 +25,7 @@ from ._common import (
     file_size,
     output_format,
     progress_bar,
+    scheme_arg,
     step_bar,
     width_arg,
     write_options,
@@ -66,10 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--scheme",
-        choices=list(SCHEMES),
+        type=scheme_arg,
         default=None,
+        metavar="SCHEME",
         help="quantize every tensor with this scheme at exactly --bits (as --uniform does, "
-        f"with {DEFAULT_SCHEME}); by default qpack chooses each tensor's width and grid",
+        f"with {DEFAULT_SCHEME}); by default qpack chooses each tensor's width and grid. "
+        f"One of {', '.join(SCHEMES)}; a per-group scheme may end in its group size "
+        "(symmetric-per-group-64; default 32)",
     )
     p.add_argument(
         "--metadata",

@@ -25,7 +25,7 @@ from .._threads import cpu_count
 from ..api import load, pack
 from ..checkpoint import read_checkpoint
 from ..planner import Planner
-from ..schemes import DEFAULT_SCHEME, SCHEMES
+from ..schemes import DEFAULT_SCHEME, check_scheme
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
 from .unet import UNet, default_checkpoint_path
 
@@ -133,8 +133,8 @@ def run_demo(
     per parameter. Quantized files go to ``workdir`` (kept) or a temporary folder (removed).
     """
     bits = [int(b) for b in bits]
-    if scheme is not None and scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme is not None:
+        check_scheme(scheme)
     for b in bits:
         if not 1 <= b <= 8:
             raise ValueError(f"bits must be integers from 1 to 8, got {b}")
