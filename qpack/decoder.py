@@ -102,8 +102,10 @@ def decode_payload(
     if kernels.native is not None:
         return _native_values(entry, data, path, out)
     # group 1: the symbols are the codes, and the plain dequantizer is faster than a lookup
-    if entry.storage == HUFFMAN and entry.scale.size == 1 and entry.group > 1:
-        return _huffman_values(entry, data, path, out)
+    if entry.storage == HUFFMAN and entry.group > 1:
+        if entry.scale.size == 1:
+            return _huffman_values(entry, data, path, out)
+        return _huffman_row_blocks(entry, data, path, out)
     # only the fixed-width unpacker writes codes into a buffer of ours
     unpacked = entry.storage == PACKED and entry.bits < 8
     codes = decode_codes(entry, data, path, scratch("codes", entry.numel) if unpacked else None)
@@ -214,6 +216,39 @@ def _huffman_values(entry: TensorEntry, data: bytes, path, out: np.ndarray | Non
         np.take(lookup, symbols[start:stop], axis=0, out=rows[start:stop], mode="clip")
     if rest:
         out[whole * group :] = table[symbols[-1], :rest]
+    return out.reshape(entry.shape)
+
+
+def _huffman_row_blocks(
+    entry: TensorEntry, data: bytes, path, out: np.ndarray | None
+) -> np.ndarray:
+    """A Huffman-coded tensor of several codes a symbol and several affine pairs, ungrouped
+    and dequantized a block of rows at a time: the codes of the whole tensor (a byte each,
+    and an index each while ungrouping) are never held beside its values, which kept a
+    Huffman bomb's decoding above the spec's memory bound (section 7)."""
+    symbols = _huffman_symbols(entry, data, path)
+    numel, group = entry.numel, entry.group
+    if out is None:
+        out = np.empty(numel, dtype=np.float32)
+    row, run = entry.runs
+    rows = (numel // row if row else entry.scale.size) if numel else 0
+    length = numel // rows if rows else 0  # codes a row (a channel's, or a run's)
+    pairs = -(-row // run) if run else 1  # affine pairs a row
+    step = -(-max(1, TAKE_BLOCK // max(length, 1)) // group) * group  # whole symbols
+    for first in range(0, rows, step):
+        last = min(first + step, rows)
+        start, stop = first * length, last * length
+        codes = ungroup_symbols(
+            symbols[start // group : -(-stop // group)], entry.bits, group, stop - start
+        )
+        dequantize(
+            codes,
+            entry.scale[first * pairs : last * pairs],
+            entry.zero_point[first * pairs : last * pairs],
+            out[start:stop],
+            row=row,
+            run=run,
+        )
     return out.reshape(entry.shape)
 
 

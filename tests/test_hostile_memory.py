@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import qpack
-from qpack import kernels
 
 PROBE = r"""
 import os, sys
@@ -62,11 +61,6 @@ def bomb(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.skipif(
-    kernels.native is None,
-    reason="the numpy route holds a tensor's codes (a byte each, and their indices while "
-    "ungrouping) beside its values: about 340x on this bomb",
-)
 @pytest.mark.parametrize("how", ["load", "load_numpy", "open", "inspect", "verify"])
 def test_peak_memory_of_every_read_path(bomb, how):
     path, tiny = bomb
