@@ -181,15 +181,33 @@ def _torch_out(entry) -> tuple[torch.Tensor, np.ndarray]:
     import torch
 
     quantized = entry.storage != RAW
+    if quantized and entry.dtype == "float64":
+        # the float32 values go to the upper half of the float64 tensor, which _finish
+        # widens in place: never a float32 and a float64 copy of the tensor at once
+        tensor = torch.empty(entry.shape, dtype=torch.float64)
+        return tensor, tensor.numpy().reshape(-1).view(np.float32)[entry.numel :]
     tensor = torch.empty(entry.shape, dtype=torch.float32 if quantized else _dtype(entry))
     if entry.dtype == "bfloat16" and not quantized:
         return tensor, tensor.view(torch.int16).numpy().view(np.uint16).reshape(-1)
     return tensor, tensor.numpy().reshape(-1)
 
 
+# Values a step of the in-place widening converts (through a copy of this size).
+WIDEN_BLOCK = 1 << 16
+
+
 def _finish(entry, tensor: torch.Tensor) -> torch.Tensor:
     """A decoded tensor (made by :func:`_torch_out`) in its original dtype."""
     dtype = _dtype(entry)
+    if entry.dtype == "float64" and entry.storage != RAW:
+        wide = tensor.numpy().reshape(-1)
+        narrow = wide.view(np.float32)[entry.numel :]
+        # in order: block [a, b) lands on bytes [8a, 8b), below the float32 values not yet
+        # read (from byte 4 * numel + 4b on), since b <= numel
+        for start in range(0, entry.numel, WIDEN_BLOCK):
+            stop = min(start + WIDEN_BLOCK, entry.numel)
+            wide[start:stop] = narrow[start:stop].copy()
+        return tensor
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 

@@ -605,3 +605,23 @@ def test_fast_paths_match_the_numpy_decoder_bit_for_bit(tmp_path, entropy, monke
     loaded = qpack.load(path)
     for name, tensor in loaded.items():
         assert same_bits(tensor, torch.from_numpy(reference[name])), name
+
+
+@pytest.mark.parametrize("entropy", [True, False])
+def test_quantized_float64_tensors_widen_in_place_to_the_decoded_values(tmp_path, entropy):
+    """A quantized float64 tensor loads as float64 holding exactly the float32 values the
+    spec decodes (widened in place, block by block, in its own memory)."""
+    sd = {
+        "big": torch.randn(300, 701, dtype=torch.float64),
+        "small": torch.randn(3, 5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4, dtype=torch.float64),
+    }
+    path = tmp_path / "f64.qpk"
+    qpack.save(sd, path, bits=6, uniform=True, entropy=entropy)
+    loaded, arrays = qpack.load(path), qpack.load_numpy(path)
+    with qpack.open(path) as f:
+        lazy = f.get_tensor("big")
+    for name in sd:
+        assert loaded[name].dtype == torch.float64
+        assert np.array_equal(loaded[name].numpy(), arrays[name].astype(np.float64))
+    assert torch.equal(lazy, loaded["big"])

@@ -1,7 +1,8 @@
 """Every read path stays within the spec's bound of 256 output bytes per file byte
 (section 7) on a Huffman bomb: a tensor whose one codeword is 1 bit and carries 8 codes,
-64 float32 values (256 bytes) per byte of stream. Each path runs in its own process and
-its peak resident memory above what the process held before is measured."""
+64 float32 values (256 bytes) per byte of stream; and within 512 where a loader restores a
+float64 tensor's dtype (8 bytes a value). Each path runs in its own process and its peak
+resident memory above what the process held before is measured."""
 
 from __future__ import annotations
 
@@ -49,21 +50,22 @@ print((status("VmHWM") - base) / os.path.getsize(path))
 """
 
 
-@pytest.fixture(scope="module")
-def bomb(tmp_path_factory) -> tuple[Path, Path]:
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def bomb(request, tmp_path_factory) -> tuple[Path, Path, str]:
+    dtype = request.param
     folder = tmp_path_factory.mktemp("bomb")
     path, tiny = folder / "bomb.qpk", folder / "tiny.qpk"
-    qpack.numpy.save({"w": np.zeros((8192, 8192), np.float32)}, path, bits=1, uniform=True)
-    qpack.numpy.save({"w": np.zeros((8, 8), np.float32)}, tiny, bits=1, uniform=True)
+    qpack.numpy.save({"w": np.zeros((8192, 8192), dtype)}, path, bits=1, uniform=True)
+    qpack.numpy.save({"w": np.zeros((8, 8), dtype)}, tiny, bits=1, uniform=True)
     entry = qpack.inspect(path)["tensors"][0]
     assert entry["storage"] == "huffman" and entry["group"] == 8  # 64 values per byte
-    return path, tiny
+    return path, tiny, dtype
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("how", ["load", "load_numpy", "open", "inspect", "verify"])
 def test_peak_memory_of_every_read_path(bomb, how):
-    path, tiny = bomb
+    path, tiny, dtype = bomb
     done = subprocess.run(
         [sys.executable, "-c", PROBE, str(path), str(tiny), how],
         capture_output=True,
@@ -72,4 +74,6 @@ def test_peak_memory_of_every_read_path(bomb, how):
         check=True,
     )
     ratio = float(done.stdout.strip().splitlines()[-1])
-    assert ratio <= 256, f"{how}: {ratio:.0f} bytes of memory per file byte"
+    # torch's loaders restore float64 (8 bytes a value); numpy's give float32
+    bound = 512 if dtype == "float64" and how in ("load", "open") else 256
+    assert ratio <= bound, f"{how}: {ratio:.0f} bytes of memory per file byte"
