@@ -18,7 +18,7 @@ longer.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -75,12 +75,10 @@ def gptq_codes(
         r = slice(g * per_group, (g + 1) * per_group)
         codes[r] = _gptq(
             rows[r],
-            h[g],
+            _factored(hessian, h, g, damp, act_order),
             scale[r],
             zero[r],
             levels - 1,
-            damp=damp,
-            act_order=act_order,
             block=block,
         )
     return codes.reshape(-1)
@@ -185,21 +183,42 @@ def _grid_per_cell(
     return np.broadcast_to(per_row_scale, shape), np.broadcast_to(per_row_zero, shape)
 
 
-def _gptq(
-    w: np.ndarray,
-    h: np.ndarray,
-    scale: np.ndarray,
-    zero: np.ndarray,
-    top: int,
-    *,
-    damp: float,
-    act_order: bool,
-    block: int,
-) -> np.ndarray:
-    """GPTQ codes of rows ``w`` (rows, cols) with Hessian ``h`` (cols, cols) on a grid given
-    per (row, column): ``scale``/``zero`` (rows, cols) float32, so that a grid per group of
-    columns needs no change here."""
-    cols = w.shape[1]
+# A layer's Hessian factored for GPTQ, the same for every grid and width its weight is
+# tried with: (the Hessian as given, group, damp, act_order) -> (column order,
+# upper-triangular U as a torch tensor). The allocator tries a layer on many grids; the
+# factorization took a sixth of packing a UNet. Kept for the most recent layers, while the
+# Hessian is the same object (callers do not change one in place).
+_FACTORED: dict[tuple, tuple] = {}
+FACTORED_BYTES = 1 << 28
+
+
+@dataclass(frozen=True)
+class _Factored:
+    order: np.ndarray  # the order columns are quantized in
+    u_t: torch.Tensor  # upper-triangular U with U^T U = (damped H)^-1, in that order
+
+
+def _factored(hessian, h: np.ndarray, g: int, damp: float, act_order: bool) -> _Factored:
+    """The factorization of group ``g`` of ``h`` (the float64 form of ``hessian``), cached
+    while ``hessian`` is the same object (kept alive by the cache, so its id stays its)."""
+    key = (id(hessian), g, float(damp), bool(act_order))
+    hit = _FACTORED.get(key)
+    if hit is not None and hit[0] is hessian:
+        _FACTORED[key] = _FACTORED.pop(key)  # most recently used last
+        return hit[1]
+    factored = _factor(h[g], damp, act_order)
+    _FACTORED[key] = (hessian, factored)
+    total = 0
+    for k in reversed(list(_FACTORED)):  # drop the least recent beyond the budget
+        total += _FACTORED[k][1].u_t.numel() * 8
+        if total > FACTORED_BYTES and k != key:
+            del _FACTORED[k]
+    return factored
+
+
+def _factor(h: np.ndarray, damp: float, act_order: bool) -> _Factored:
+    """Dampen ``h`` (cols, cols), order its columns and factor its inverse."""
+    cols = h.shape[0]
     diag = np.diag(h).copy()
     dead = ~(diag > 0)  # inputs never seen: no error to spread, nothing to compensate with
     h = h.copy()
@@ -211,7 +230,23 @@ def _gptq(
     if live.any():
         h[np.diag_indices(cols)] += damp * diag[live].mean()
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(cols)
-    u_t = _inverse_cholesky(h[np.ix_(order, order)])
+    return _Factored(order, _inverse_cholesky(h[np.ix_(order, order)]))
+
+
+def _gptq(
+    w: np.ndarray,
+    factored: _Factored,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    top: int,
+    *,
+    block: int,
+) -> np.ndarray:
+    """GPTQ codes of rows ``w`` (rows, cols) with a factored Hessian on a grid given per
+    (row, column): ``scale``/``zero`` (rows, cols) float32, so that a grid per group of
+    columns needs no change here."""
+    cols = w.shape[1]
+    order, u_t = factored.order, factored.u_t
     u = u_t.numpy()
     # work column-major (one contiguous vector per column) in act order; torch views of
     # the same memory do the matrix products

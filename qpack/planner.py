@@ -60,6 +60,7 @@ class Planner:
         postprocess: Callable | None = None,
         progress: Callable[[str], None] | None = None,
         bar: Callable[[int, str], Any] | None = None,
+        schemes: tuple[str, ...] | None = None,
     ):
         if calibration is not None and model is None:
             raise E.EncodeError(
@@ -78,6 +79,8 @@ class Planner:
         self.note = progress or (lambda _msg: None)
         # bar(total, what): a context manager yielding update(n) for a long step
         self.bar = bar or _no_bar
+        # the grids plans choose among (None: the allocator's OPTION_SCHEMES)
+        self.schemes = schemes
         self.timings: dict[str, float] = {}
         self._stats: dict | None = None
         self._measured: tuple | None = None
@@ -138,6 +141,7 @@ class Planner:
                         sensitivity=sensitivity,
                         progress=self.note,
                         bar=self.bar,
+                        **self._schemes(),
                     )
                 )
         return self._allocator
@@ -255,8 +259,12 @@ class Planner:
                 raw=set(raw),
                 progress=self.note,
                 bar=self.bar,
+                **self._schemes(),
             )
         )
+
+    def _schemes(self) -> dict[str, tuple[str, ...]]:
+        return {} if self.schemes is None else {"schemes": self.schemes}
 
 
 def plan_save(

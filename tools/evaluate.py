@@ -34,7 +34,9 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, u
 
 import qpack  # noqa: E402
 from qpack import demo  # noqa: E402
+from qpack.budget import CHANNEL_SCHEMES  # noqa: E402
 from qpack.checkpoint import read_checkpoint  # noqa: E402
 from qpack.demo import synthetic  # noqa: E402
 from qpack.demo.unet import default_checkpoint_path  # noqa: E402
@@ -858,8 +861,14 @@ def model_rows(s: Subject, workdir: Path, progress=None) -> list[dict[str, Any]]
         qpk(f"qpack --bits {bits}, no model", state, bits=bits)
     planner = Planner(state, model=s.model, calibration=s.calibration,
                       postprocess=s.probabilities)
-    for bits in (8, 4, 3):
+    for bits in (8, 7, 6, 5, 4, 3):
         qpk(f"qpack --bits {bits}", state, planned=planner.plan(bits=bits), entropy=True)
+    # the same choice without per-group grids: what groups add to the size/error curve
+    channel = Planner(state, model=s.model, calibration=s.calibration,
+                      postprocess=s.probabilities, schemes=CHANNEL_SCHEMES)
+    for bits in (8, 7, 6, 5, 4, 3):
+        qpk(f"qpack --bits {bits}, per-channel grids only", state,
+            planned=channel.plan(bits=bits), entropy=True)
     for bits in (4, 3):
         # error-compensating rounding against round to nearest at the same size: the
         # model-aware --bits N file with nearest codes, then GPTQ within its size
@@ -894,6 +903,17 @@ def model_checks(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x Q4_0's bytes (< 1x), error "
               f"{q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
               q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
+    curve = sorted((r["bytes"], r["mean_abs_dp"]) for r in rows
+                   if re.fullmatch(r"qpack --bits \d", r["setting"]))
+    alone = [(r["bytes"], r["mean_abs_dp"]) for r in rows
+             if r["setting"].endswith("per-channel grids only")]
+    # the curve through the --bits 3..8 files, interpolated in log size and log error,
+    # at the size of each per-channel-only file (beyond its ends: its end points)
+    sizes, errors = (np.log([p[i] for p in curve]) for i in (0, 1))
+    below = [math.log(e) >= np.interp(math.log(s), sizes, errors) - 1e-9 for s, e in alone]
+    check(f"with per-group grids the size/error curve (--bits 3..8) is at or below the "
+          f"per-channel-only one at its files' sizes ({sum(below)} of {len(below)})",
+          all(below))
     for bits in (4, 3):
         r = by[f"qpack --bits {bits} --rounding nearest"]
         q = by[f"qpack --max-size {r['bytes']} (GPTQ)"]
