@@ -269,10 +269,14 @@ def origin_zstd_rows(
     return rows, None
 
 
-def gguf_quantize_state(state: Arrays, qtype_name: str) -> tuple[Arrays, int, list[str]]:
+def gguf_quantize_state(
+    state: Arrays, qtype_name: str, pad: bool = False
+) -> tuple[Arrays, int, list[str]]:
     """GGUF-quantize each weight viewed as (out, in*kh*kw); weights whose row length is not
-    a multiple of the block size stay float16. Returns (dequantized state_dict, bytes: blocks
-    + float16 fallbacks + float32 biases, names kept as float16)."""
+    a multiple of the block size stay float16 (as a GGUF file keeps them), or with ``pad``
+    are quantized too, each row zero-padded to whole blocks (the blocks' grid on every
+    tensor). Returns (dequantized state_dict, bytes: blocks + float16 fallbacks + float32
+    biases, names kept as float16)."""
     import gguf
     from gguf import quants
 
@@ -285,10 +289,14 @@ def gguf_quantize_state(state: Arrays, qtype_name: str) -> tuple[Arrays, int, li
             size += 4 * a.size
             continue
         rows = a.reshape(a.shape[0], -1)
-        if rows.shape[1] % block == 0:
-            q = quants.quantize(rows, qtype)
+        cols = rows.shape[1]
+        if cols % block == 0 or pad:
+            padded = np.zeros((rows.shape[0], -(-cols // block) * block), dtype=np.float32)
+            padded[:, :cols] = rows
+            q = quants.quantize(padded, qtype)
             size += q.nbytes
-            out[name] = quants.dequantize(q, qtype).astype(np.float32).reshape(a.shape)
+            values = quants.dequantize(q, qtype).astype(np.float32)[:, :cols]
+            out[name] = values.reshape(a.shape)
         else:
             fallback.append(name)
             size += 2 * a.size
@@ -853,8 +861,11 @@ def model_rows(s: Subject, workdir: Path, progress=None) -> list[dict[str, Any]]
     try:
         arrays = state_to_numpy(state)
         for t in GGUF_TYPES:
-            dq, size, _ = gguf_quantize_state(arrays, t)
+            dq, size, kept = gguf_quantize_state(arrays, t)
             add(f"gguf {t}", size, to_torch(dq), "blocks+f16+f32")
+            if t == "Q4_0" and kept:  # also its blocks on the tensors GGUF keeps float16
+                dq, size, _ = gguf_quantize_state(arrays, t, pad=True)
+                add(f"gguf {t}, blocks on every tensor", size, to_torch(dq), "blocks+f32")
     except ImportError:
         note("gguf rows skipped (the optional gguf package is not installed)")
     for bits in (8, 4, 3):
@@ -902,6 +913,12 @@ def model_checks(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         g = by["gguf Q4_0"]
         check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x Q4_0's bytes (< 1x), error "
               f"{q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
+              q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
+    if "gguf Q4_0, blocks on every tensor" in by:  # GGUF kept some tensors float16
+        g = by["gguf Q4_0, blocks on every tensor"]
+        check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x the bytes of Q4_0's blocks on every "
+              f"tensor (< 1x), error {q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x "
+              "(<= 1x)",
               q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
     curve = sorted((r["bytes"], r["mean_abs_dp"]) for r in rows
                    if re.fullmatch(r"qpack --bits \d", r["setting"]))
