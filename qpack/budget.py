@@ -198,7 +198,16 @@ class Allocator:
         # a tensor no option can store (values near the float32 limit) stays exact
         self._targets = [t for t, c in zip(self._targets, choices, strict=True) if c.options]
         self._choices = [c for c in choices if c.options]
-        self._hull = _hull(self._choices)
+        # the path through every option, and through the per-tensor and per-channel grids
+        # alone: a search along the first can end on a larger plan than one along the
+        # second (the paths are heuristics), so a width query takes the smaller of both
+        self._hulls = [_hull(self._choices)]
+        channel = _without_groups(self._choices)
+        if any(
+            len(c.options) != len(k.options) for c, k in zip(channel, self._choices, strict=True)
+        ):
+            self._hulls.append(_hull(channel))
+        self._hull = self._hulls[0]
         self._joints: dict[tuple, float] = {}
         self._sizes: dict[tuple, int] = {}
         self._answers: list[dict[str, Option]] = []  # plans for_bits returned
@@ -257,9 +266,13 @@ class Allocator:
             if bits < 8 and float(bits).is_integer():  # also GGUF's blocks of 32
                 blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
                 target = min(target, self._measure(blocks))
-            chosen = self._smallest_within(target * MARGIN)
-            if chosen is None:  # nothing considered is as accurate: the reference itself
+            found = [self._smallest_within(target * MARGIN, self._hulls[0])]
+            if found[0] is not None and len(self._hulls) > 1 and _has_groups(found[0]):
+                found.append(self._smallest_within(target * MARGIN, self._hulls[1]))
+            found = [c for c in found if c is not None]
+            if not found:  # nothing considered is as accurate: the reference itself
                 return self._plan(reference, plain=True)
+            chosen = min(found, key=self.file_size)
         self._answers.append(chosen)
         return self._plan(chosen)
 
@@ -284,11 +297,10 @@ class Allocator:
             chosen[target[0]] = option
         return chosen
 
-    def _smallest_within(self, target: float) -> dict[str, Option] | None:
-        """The smallest point of the path whose real distortion is at most ``target``:
-        start where the prediction says, then gallop and bisect on real evaluations (the
-        real distortion falls along the path, give or take noise)."""
-        hull = self._hull
+    def _smallest_within(self, target: float, hull: list) -> dict[str, Option] | None:
+        """The smallest point of the path ``hull`` whose real distortion is at most
+        ``target``: start where the prediction says, then gallop and bisect on real
+        evaluations (the real distortion falls along the path, give or take noise)."""
         ok = {}
 
         def passes(i: int) -> bool:
@@ -354,20 +366,19 @@ class Allocator:
 
     def candidates(self) -> list[dict[str, Option]]:
         """The plans :meth:`for_size` chooses among."""
-        hull = self._hull
-        sizes = np.log([max(p[0], 1.0) for p in hull])
-        marks = np.linspace(sizes[0], sizes[-1], SIZE_CANDIDATES)
-        picked = sorted({int(np.searchsorted(sizes, m)) for m in marks} | {len(hull) - 1})
-        return [hull[min(i, len(hull) - 1)][2] for i in picked] + list(self._answers)
+        out = []
+        for hull in self._hulls:
+            sizes = np.log([max(p[0], 1.0) for p in hull])
+            marks = np.linspace(sizes[0], sizes[-1], SIZE_CANDIDATES)
+            picked = sorted({int(np.searchsorted(sizes, m)) for m in marks} | {len(hull) - 1})
+            out += [hull[min(i, len(hull) - 1)][2] for i in picked]
+        return out + list(self._answers)
 
 
 def _options(schemes: tuple[str, ...]) -> list[Option]:
     """Every (width, scheme) pair considered: per-group grids up to GROUP_MAX_BITS."""
     return [
-        (b, s)
-        for s in schemes
-        for b in GRID
-        if b <= GROUP_MAX_BITS or parse_scheme(s)[1] is None
+        (b, s) for s in schemes for b in GRID if b <= GROUP_MAX_BITS or parse_scheme(s)[1] is None
     ]
 
 
@@ -589,6 +600,29 @@ def _totals(choices: list[_Choices], chosen: Mapping[str, Option]) -> tuple[floa
         size += c.size[i]
         distortion += c.distortion[i]
     return size, distortion
+
+
+def _without_groups(choices: list[_Choices]) -> list[_Choices]:
+    """The choices restricted to per-tensor and per-channel grids."""
+    out = []
+    for c in choices:
+        keep = [i for i, (_, s) in enumerate(c.options) if parse_scheme(s)[1] is None]
+        if not keep:
+            keep = list(range(len(c.options)))
+        out.append(
+            _Choices(
+                c.name,
+                [c.options[i] for i in keep],
+                c.size[keep],
+                c.distortion[keep],
+                c.error[keep],
+            )
+        )
+    return out
+
+
+def _has_groups(chosen: Mapping[str, Option]) -> bool:
+    return any(parse_scheme(s)[1] is not None for _, s in chosen.values())
 
 
 def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, Option]]]:
