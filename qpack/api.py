@@ -41,9 +41,11 @@ def save(
 
     Floating tensors with two or more dimensions (conv and linear weights) are quantized; the
     others (biases, integer buffers) are stored exactly. ``bits=N`` asks for the accuracy of
-    N-bit quantization in the smallest file: qpack chooses each tensor's width and grid so
-    that no tensor's weight error exceeds that of N-bit round-to-nearest quantization with
-    one scale per output channel (standard per-layer int8 at 8 bits); given a model and
+    N-bit quantization in the smallest file: qpack chooses each tensor's width and grid (one
+    scale per tensor, per output channel or per group of weights) so that no tensor's weight
+    error exceeds that of N-bit round-to-nearest quantization with one scale per output
+    channel (standard per-layer int8 at 8 bits; below 8 bits, N-bit blocks of 32 weights as
+    GGUF's Q4_0 has at 4, where those are more accurate); given a model and
     ``calibration`` inputs (an iterable of batches: tensors, tuples or dicts, called as
     ``model(x)``, ``model(*x)``, ``model(**x)``), it is the model's mean output error that
     is held (on every other batch; the rest fit the rounding), and codes are chosen by
