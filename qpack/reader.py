@@ -29,7 +29,6 @@ from .container import (
     read_header,
 )
 from .decoder import (
-    SCRATCH_MAX,
     Dequantizer,
     decode_codes,
     decode_payload,
@@ -51,6 +50,13 @@ def _preadv(fd: int, view: memoryview, offset: int) -> int:
     chunk = os.pread(fd, len(view), offset)  # platforms without preadv
     view[: len(chunk)] = chunk
     return len(chunk)
+
+
+# Files up to this size are read in one call when every tensor is read. A larger file is
+# read a tensor at a time, on the decoding threads, so that decoding overlaps the reading:
+# a 16 MB file read whole from a cold page cache loaded in 72-260 ms, a tensor at a time
+# in 57-60 ms (and 60 against 66 ms warm).
+WHOLE_FILE_MAX = 1 << 22
 
 
 class Reader:
@@ -221,7 +227,7 @@ class Reader:
     def _whole_file(self) -> Iterator[None]:
         """While every tensor is read in turn, read a small file in one call instead of
         two per tensor (its bytes and the alignment gap before them)."""
-        if self._buffer is not None or self.file_size > SCRATCH_MAX:
+        if self._buffer is not None or self.file_size > WHOLE_FILE_MAX:
             yield
             return
         whole = self._read_at(0, self.file_size, scratch("file", self.file_size))

@@ -174,7 +174,8 @@ def test_cli_pack_and_inspect_group_scheme(tmp_path):
     torch.save(sd, src)
     run = [sys.executable, "-m", "qpack"]
     done = subprocess.run(
-        [*run, "pack", str(src), "-o", str(out), "--bits", "4", "--scheme", "asymmetric-per-group-64"],
+        [*run, "pack", str(src), "-o", str(out), "--bits", "4"]
+        + ["--scheme", "asymmetric-per-group-64"],
         capture_output=True,
         text=True,
     )
