@@ -174,8 +174,23 @@ class Allocator:
         # layer statistics: error-compensating rounding, and layer errors in closed form
         self.stats = {k: v for k, v in (stats or {}).items() if k in names}
         self.rounder = gptq_rounder(self.stats, cache={}) if self.stats else None
-        sensitivity = sensitivity or {}
-        options = _options(schemes)
+        self._options = _options(schemes)
+        self._measuring = (sensitivity or {}, evaluate, progress, bar)
+        self._choices: list[_Choices] | None = None
+        self._joints: dict[tuple, float] = {}
+        self._sizes: dict[tuple, int] = {}
+        self._answers: list[dict[str, Option]] = []  # plans for_bits returned
+        # without a model a width query needs no measurements of every option (see
+        # _dominant): they are taken when a query needs them
+        if not self._weight_error:
+            self._measured()
+
+    def _measured(self) -> list[_Choices]:
+        """Every tensor's size and distortion for every option, measured once."""
+        if self._choices is not None:
+            return self._choices
+        sensitivity, evaluate, progress, bar = self._measuring
+        options = self._options
         if progress:
             progress(f"measuring {len(self._targets)} tensors, {len(options)} options each")
 
@@ -207,10 +222,9 @@ class Allocator:
             len(c.options) != len(k.options) for c, k in zip(channel, self._choices, strict=True)
         ):
             self._hulls.append(_hull(channel))
-        self._hull = self._hulls[0]
-        self._joints: dict[tuple, float] = {}
-        self._sizes: dict[tuple, int] = {}
-        self._answers: list[dict[str, Option]] = []  # plans for_bits returned
+        self._joints.clear()  # keyed by the targets, which may have changed
+        self._sizes.clear()
+        return self._choices
 
     def rounding(self, name: str) -> str:
         """How this allocator's plans round a tensor's codes."""
@@ -278,24 +292,26 @@ class Allocator:
 
     def _dominant(self, bits: float) -> dict[str, Option]:
         """Per tensor, the smallest option whose weight error is at most that of the
-        reference; the reference itself where no option is as accurate."""
-        chosen = {}
-        for target, choice in zip(self._targets, self._choices, strict=True):
+        reference; the reference itself where no option is as accurate. Tensors are
+        searched on threads, each without measuring every option (see _smallest_option)."""
+
+        def one(target) -> Option | None:
+            values = _finite(target)  # a tensor that is not finite is refused, not kept
             option = _reference(bits)
             if not _storable(target, option):
-                continue  # the reference keeps it exact: so does the plan
-            limit = _reference_error(target, option)
+                return None  # the reference keeps it exact: so does the plan
+            energy = _energy(values)
+            limit = _reference_error(target, option, energy)
             if bits < 8 and float(bits).is_integer():
-                values = _float64(target[1], target[2])
-                block_error = _channel_error(_block_values(values, bits), values)
+                block_error = _channel_error(_block_values(values, bits), values, energy)
                 if block_error < limit and _storable(target, (bits, BLOCK_SCHEME)):
                     option, limit = (float(bits), BLOCK_SCHEME), block_error
             limit *= 1 + 1e-6  # the block reference is computed in float64
-            fits = [i for i, e in enumerate(choice.error) if e <= limit]
-            if fits:
-                option = choice.options[min(fits, key=lambda i: (choice.size[i], i))]
-            chosen[target[0]] = option
-        return chosen
+            mine = _fitting(self._options, target[1])
+            return _smallest_option(target, mine, limit, values, energy) or option
+
+        found = ordered_map(one, self._targets)
+        return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
 
     def _smallest_within(self, target: float, hull: list) -> dict[str, Option] | None:
         """The smallest point of the path ``hull`` whose real distortion is at most
@@ -354,9 +370,10 @@ class Allocator:
         so no candidate that fits is more accurate, and more room never costs accuracy."""
         if not self._targets:
             return self._plan({})
-        fitting = [c for c in self.candidates() if self.file_size(c) <= max_size]
+        candidates = self.candidates()
+        fitting = [c for c in candidates if self.file_size(c) <= max_size]
         if not fitting:
-            smallest = min(map(self.file_size, [self._hull[0][2], *self._answers]))
+            smallest = min(map(self.file_size, [self._hulls[0][0][2], *self._answers]))
             raise E.EncodeError(
                 f"cannot fit in {max_size:,} bytes: the smallest file qpack can make of this "
                 f"state_dict is {smallest:,} bytes"
@@ -366,6 +383,7 @@ class Allocator:
 
     def candidates(self) -> list[dict[str, Option]]:
         """The plans :meth:`for_size` chooses among."""
+        self._measured()
         out = []
         for hull in self._hulls:
             sizes = np.log([max(p[0], 1.0) for p in hull])
@@ -449,21 +467,25 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     schemes = {s for _, s in options}
     anchor_scheme = REFERENCE_SCHEME if REFERENCE_SCHEME in schemes else options[0][1]
     anchors = {(b, anchor_scheme) for b in ANCHORS}
+    energy = _energy(reference)
     sizes, errors, relative, decoded, kept = [], [], [], {}, []  # decoded: for the evaluator
     for option, values, size in _each_option(target, options):
         kept.append(option)
         sizes.append(size)
-        errors.append(float(((values - reference) ** 2).sum()))
-        relative.append(_channel_error(values, reference))
-        if evaluate is not None and option in anchors:
-            decoded[option] = values
+        relative.append(_channel_error(values, reference, energy))
+        if evaluate is not None:
+            diff = np.subtract(values.reshape(-1), reference.reshape(-1), dtype=np.float64)
+            errors.append(float(diff @ diff))
+            if option in anchors:
+                decoded[option] = values
     options, anchors = kept, {o for o in anchors if o in kept}
     if not options:
         return _Choices(name, [], np.zeros(0), np.zeros(0), np.zeros(0))
-    errors, relative = np.maximum(np.array(errors), 1e-30), np.array(relative)
-    widths = np.array([b for b, _ in options])
+    relative = np.array(relative)
     if evaluate is None:
         return _Choices(name, list(options), np.array(sizes), relative, relative)
+    errors = np.maximum(np.array(errors), 1e-30)
+    widths = np.array([b for b, _ in options])
     at = [b for b in ANCHORS if (b, anchor_scheme) in anchors] or [widths.max()]
     if (at[0], anchor_scheme) not in decoded:  # no anchor storable: the finest option
         finest = options[int(np.argmax(widths))]
@@ -557,26 +579,66 @@ def _storable(target, option: Option) -> bool:
     return True
 
 
-def _channel_error(values: np.ndarray, reference: np.ndarray) -> float:
+def _energy(reference: np.ndarray) -> np.ndarray:
+    """Each output channel's energy (sum of squares), as :func:`_channel_error` divides by."""
+    rows = reference.shape[0] if reference.ndim else 1
+    ref = reference.reshape(rows, -1)
+    return np.einsum("ij,ij->i", ref, ref)
+
+
+def _channel_error(
+    values: np.ndarray, reference: np.ndarray, energy: np.ndarray | None = None
+) -> float:
     """The weight error that stands in for a model's: each output channel's squared error
     relative to its own energy, averaged over channels. Unlike the tensor's total squared
     error it does not let a grid trade away small channels (which a per-layer grid zeroes)
-    for precision on large ones: the next layer feels every channel."""
+    for precision on large ones: the next layer feels every channel. (``energy``: the
+    reference's :func:`_energy`, when already known.)"""
     if not reference.size:
         return 0.0
     rows = reference.shape[0] if reference.ndim else 1
-    ref = reference.reshape(rows, -1)
-    diff = values.reshape(rows, -1).astype(np.float64) - ref
-    energy = (ref * ref).sum(axis=1)
+    diff = np.subtract(values.reshape(rows, -1), reference.reshape(rows, -1), dtype=np.float64)
+    energy = _energy(reference) if energy is None else energy
     floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
-    return float(((diff * diff).sum(axis=1) / (energy + floor)).mean())
+    return float((np.einsum("ij,ij->i", diff, diff) / (energy + floor)).mean())
 
 
-def _reference_error(target, option: Option) -> float:
+def _reference_error(target, option: Option, energy: np.ndarray | None = None) -> float:
     """:func:`_channel_error` of one tensor quantized with one option (round to nearest)."""
     name, array, dtype = target
     q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-    return _channel_error(q.values().reshape(array.shape), _float64(array, dtype))
+    return _channel_error(q.values().reshape(array.shape), _float64(array, dtype), energy)
+
+
+def _smallest_option(
+    target, options: list[Option], limit: float, reference: np.ndarray, energy: np.ndarray
+) -> Option | None:
+    """The option of least file size whose :func:`_channel_error` is at most ``limit``, or
+    None: for each grid the smallest such width, found by bisection (a finer width of one
+    grid has less error and more bytes), then the smallest file among the grids. A few
+    quantizations per grid instead of one per option."""
+    name, array, dtype = target
+    best: tuple[int, Option] | None = None
+    for scheme in dict.fromkeys(s for _, s in options):
+        widths = sorted(b for b, s in options if s == scheme)
+        lo, hi, passing = 0, len(widths), None  # the first width within the limit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                q = quantize_tensor(name, array, dtype, TensorPlan(widths[mid], scheme))
+            except E.EncodeError:  # values near the float32 limit overflow a coarse grid
+                lo = mid + 1
+                continue
+            if _channel_error(q.values().reshape(array.shape), reference, energy) <= limit:
+                hi, passing = mid, q
+            else:
+                lo = mid + 1
+        if passing is not None:
+            option = (widths[hi], scheme)
+            size = _option_size(name, array, dtype, passing, scheme)
+            if best is None or size < best[0]:
+                best = (size, option)
+    return None if best is None else best[1]
 
 
 def _weight_distortion(targets) -> Evaluate:
