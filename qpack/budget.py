@@ -379,7 +379,32 @@ class Allocator:
                 f"state_dict is {smallest:,} bytes"
             )
         best = min(fitting, key=lambda c: (self.joint(c), self.file_size(c)))
+        best = self._filled(dict(best), max_size)
+        if best not in self._answers:
+            self._answers.append(best)  # a candidate of every later query: more room, no worse
         return self._plan(best)
+
+    def _filled(self, chosen: dict[str, Option], max_size: int) -> dict[str, Option]:
+        """The room a size query's plan leaves, spent: single-tensor steps up to finer
+        options, the most predicted distortion saved per byte first, keeping each step
+        whose file still fits and whose real distortion is lower (at most REFINE_STEPS
+        tries). The candidates are points of a path, which may leave much of the room."""
+        moves, room = [], max_size - self.file_size(chosen)
+        for c in self._measured():
+            i = c.options.index(chosen[c.name])
+            grows = (c.size > c.size[i]) & (c.size - c.size[i] <= room)
+            for j in np.flatnonzero(grows & (c.distortion < c.distortion[i])):
+                gain = (c.distortion[i] - c.distortion[j]) / (c.size[j] - c.size[i])
+                moves.append((gain, c.name, c.options[j]))
+        best = {}  # one step per tensor: its most efficient
+        for gain, name, option in sorted(moves, key=lambda m: -m[0]):
+            best.setdefault(name, (gain, name, option))
+        error = self.joint(chosen)
+        for _, name, option in sorted(best.values(), key=lambda m: -m[0])[:REFINE_STEPS]:
+            trial = {**chosen, name: option}
+            if self.file_size(trial) <= max_size and self.joint(trial) < error:
+                chosen, error = trial, self.joint(trial)
+        return chosen
 
     def candidates(self) -> list[dict[str, Option]]:
         """The plans :meth:`for_size` chooses among."""
