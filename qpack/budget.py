@@ -280,9 +280,9 @@ class Allocator:
             if bits < 8 and float(bits).is_integer():  # also GGUF's blocks of 32
                 blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
                 target = min(target, self._measure(blocks))
-            found = [self._smallest_within(target * MARGIN, self._hulls[0])]
+            found = [self._smallest_within(target * MARGIN, 0)]
             if found[0] is not None and len(self._hulls) > 1 and _has_groups(found[0]):
-                found.append(self._smallest_within(target * MARGIN, self._hulls[1]))
+                found.append(self._smallest_within(target * MARGIN, 1))
             found = [c for c in found if c is not None]
             if not found:  # nothing considered is as accurate: the reference itself
                 return self._plan(reference, plain=True)
@@ -313,10 +313,12 @@ class Allocator:
         found = ordered_map(one, self._targets)
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
 
-    def _smallest_within(self, target: float, hull: list) -> dict[str, Option] | None:
-        """The smallest point of the path ``hull`` whose real distortion is at most
-        ``target``: start where the prediction says, then gallop and bisect on real
-        evaluations (the real distortion falls along the path, give or take noise)."""
+    def _smallest_within(self, target: float, path: int) -> dict[str, Option] | None:
+        """The smallest point of path ``path`` (0: every option; 1: per-tensor and
+        per-channel grids alone) whose real distortion is at most ``target``: start where
+        the prediction says, then gallop and bisect on real evaluations (the real
+        distortion falls along the path, give or take noise); then refined."""
+        hull = self._hulls[path]
         ok = {}
 
         def passes(i: int) -> bool:
@@ -342,14 +344,17 @@ class Allocator:
         while good - bad > 1:  # passes(good), not passes(bad) (or bad = -1)
             mid = (good + bad) // 2
             good, bad = (mid, bad) if passes(mid) else (good, mid)
-        return self._refined(dict(hull[good][2]), target)
+        choices = self._choices if path == 0 else _without_groups(self._choices)
+        return self._refined(dict(hull[good][2]), target, choices)
 
-    def _refined(self, chosen: dict[str, Option], target: float) -> dict[str, Option]:
+    def _refined(
+        self, chosen: dict[str, Option], target: float, choices: list[_Choices]
+    ) -> dict[str, Option]:
         """Smaller plans between the path's points: the path holds only the convex points
         of the size/distortion trade, so try single-tensor steps down, the cheapest in
         predicted distortion per byte saved first, keeping each the model confirms."""
         moves = []
-        for c in self._choices:
+        for c in choices:
             i = c.options.index(chosen[c.name])
             for j in np.flatnonzero(c.size < c.size[i]):
                 cost = (c.distortion[j] - c.distortion[i]) / (c.size[i] - c.size[j])
