@@ -282,7 +282,9 @@ class Allocator:
                 target = min(target, self._measure(blocks))
             found = [self._smallest_within(target * MARGIN, 0)]
             if found[0] is not None and len(self._hulls) > 1 and _has_groups(found[0]):
-                found.append(self._smallest_within(target * MARGIN, 1))
+                # only the points predicted smaller than the plan found can replace it
+                below = _totals(self._choices, found[0])[0]
+                found.append(self._smallest_within(target * MARGIN, 1, below))
             found = [c for c in found if c is not None]
             if not found:  # nothing considered is as accurate: the reference itself
                 return self._plan(reference, plain=True)
@@ -313,12 +315,17 @@ class Allocator:
         found = ordered_map(one, self._targets)
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
 
-    def _smallest_within(self, target: float, path: int) -> dict[str, Option] | None:
+    def _smallest_within(
+        self, target: float, path: int, below: float = math.inf
+    ) -> dict[str, Option] | None:
         """The smallest point of path ``path`` (0: every option; 1: per-tensor and
-        per-channel grids alone) whose real distortion is at most ``target``: start where
-        the prediction says, then gallop and bisect on real evaluations (the real
-        distortion falls along the path, give or take noise); then refined."""
-        hull = self._hulls[path]
+        per-channel grids alone) predicted smaller than ``below`` whose real distortion is
+        at most ``target``: start where the prediction says, then gallop and bisect on real
+        evaluations (the real distortion falls along the path, give or take noise); then
+        refined. None when no such point passes."""
+        hull = [p for p in self._hulls[path] if p[0] < below]
+        if not hull:
+            return None
         ok = {}
 
         def passes(i: int) -> bool:
