@@ -25,7 +25,7 @@ from .._threads import cpu_count
 from ..api import load, pack
 from ..checkpoint import read_checkpoint
 from ..planner import Planner
-from ..schemes import DEFAULT_SCHEME, check_scheme
+from ..schemes import DEFAULT_SCHEME, check_scheme, parse_scheme
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
 from .unet import UNet, default_checkpoint_path
 
@@ -241,10 +241,13 @@ def _settings(bits: int, scheme: str | None, origin: bool, planner: Planner | No
         schemes = plan["scheme"]
         if isinstance(schemes, str):
             schemes = dict.fromkeys(widths, schemes)
-        per_channel = sum(s.endswith("per-channel") for s in schemes.values())
+        finer = [parse_scheme(s)[0].rsplit("-", 1)[-1] for s in schemes.values()]
+        grids = ", ".join(
+            f"{finer.count(kind)} per-{kind}" for kind in ("channel", "group") if kind in finer
+        )
         how = (
             f"Huffman, {min(widths):g}-{max(widths):g} bits, "
-            f"{per_channel}/{len(widths)} layers per-channel, GPTQ"
+            f"{len(widths)} layers ({grids or 'all per-layer'}), GPTQ"
         )
         yield "qpack", how, {"planned": planned, "entropy": True}
 
