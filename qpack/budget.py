@@ -619,7 +619,7 @@ def _storable(target, option: Option) -> bool:
 def _energy(reference: np.ndarray) -> np.ndarray:
     """Each output channel's energy (sum of squares), as :func:`_channel_error` divides by."""
     rows = reference.shape[0] if reference.ndim else 1
-    ref = reference.reshape(rows, -1)
+    ref = reference.reshape(rows, math.prod(reference.shape[1:]))  # -1 fails when empty
     return np.einsum("ij,ij->i", ref, ref)
 
 
