@@ -219,8 +219,12 @@ class Reader:
         jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
         if alloc is not None:
             jobs = ((entry, gap, alloc(entry)) for entry, gap in jobs)
+        # a whole load holds every tensor anyway: the largest are decoded first, so that one
+        # big tensor does not keep one thread busy after the others have finished
+        whole = ahead is not None and ahead >= len(header.tensors)
+        cost = (lambda job: 4 * job[0].numel + job[0].length) if whole else None
         with scratch_scope(), self._whole_file():
-            done = ordered_map(lambda job: fn(*job), jobs, workers, ahead)
+            done = ordered_map(lambda job: fn(*job), jobs, workers, ahead, cost)
             yield from zip(header.tensors, done)  # noqa: B905
 
     @contextlib.contextmanager

@@ -768,3 +768,33 @@ def test_ordered_map_keeps_order_and_hands_out_at_most_ahead_items(ahead):
     assert [next(results) for _ in range(11)] == [i * i for i in range(1, 12)]
     with pytest.raises(ValueError, match="item 12"):
         next(results)
+
+
+def test_ordered_map_with_costs_starts_the_costliest_and_keeps_order(monkeypatch):
+    """With ``cost``, every item is handed out at once, the costliest first; results and
+    errors still come in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import qpack._threads as threads
+
+    submitted = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, item):
+            submitted.append(item)
+            return super().submit(fn, item)
+
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", Recording)
+
+    def work(i: int) -> int:
+        if i in (3, 7):
+            raise ValueError(f"item {i}")
+        return -i
+
+    costs = {i: (i * 7) % 10 for i in range(10)}
+    got = []
+    with pytest.raises(ValueError, match="item 3"):
+        for value in threads.ordered_map(work, range(10), workers=2, cost=costs.get):
+            got.append(value)
+    assert got == [0, -1, -2]
+    assert submitted == sorted(range(10), key=lambda i: -costs[i])
