@@ -300,10 +300,11 @@ class Allocator:
         def one(target) -> Option | None:
             values = _finite(target)  # a tensor that is not finite is refused, not kept
             option = _reference(bits)
-            if not _storable(target, option):
+            q = _quantized(target, option)
+            if q is None:
                 return None  # the reference keeps it exact: so does the plan
             energy = _energy(values)
-            limit = _reference_error(target, option, energy)
+            limit = _channel_error(q.values().reshape(values.shape), values, energy)
             if bits < 8 and float(bits).is_integer():
                 block_error = _channel_error(_block_values(values, bits), values, energy)
                 if block_error < limit and _storable(target, (bits, BLOCK_SCHEME)):
@@ -598,22 +599,25 @@ def _each_option(target, options: list[Option]) -> Iterator[tuple[Option, np.nda
     the file must not hold, so those options are left out."""
     name, array, dtype = target
     for option in options:
-        try:
-            q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-        except E.EncodeError:
-            continue
-        size = _option_size(name, array, dtype, q, option[1])
-        yield option, q.values().reshape(array.shape), size
+        q = _quantized(target, option)
+        if q is not None:
+            size = _option_size(name, array, dtype, q, option[1])
+            yield option, q.values().reshape(array.shape), size
+
+
+def _quantized(target, option: Option):
+    """The tensor quantized with ``option`` (round to nearest), or None where it cannot be
+    stored so: values near the float32 limit overflow coarse grids."""
+    name, array, dtype = target
+    try:
+        return quantize_tensor(name, array, dtype, TensorPlan(*option))
+    except E.EncodeError:
+        return None
 
 
 def _storable(target, option: Option) -> bool:
     """Whether a tensor can be quantized with ``option`` (see :func:`_each_option`)."""
-    name, array, dtype = target
-    try:
-        quantize_tensor(name, array, dtype, TensorPlan(*option))
-    except E.EncodeError:
-        return False
-    return True
+    return _quantized(target, option) is not None
 
 
 def _energy(reference: np.ndarray) -> np.ndarray:
@@ -640,13 +644,6 @@ def _channel_error(
     return float((np.einsum("ij,ij->i", diff, diff) / (energy + floor)).mean())
 
 
-def _reference_error(target, option: Option, energy: np.ndarray | None = None) -> float:
-    """:func:`_channel_error` of one tensor quantized with one option (round to nearest)."""
-    name, array, dtype = target
-    q = quantize_tensor(name, array, dtype, TensorPlan(*option))
-    return _channel_error(q.values().reshape(array.shape), _float64(array, dtype), energy)
-
-
 def _smallest_option(
     target, options: list[Option], limit: float, reference: np.ndarray, energy: np.ndarray
 ) -> Option | None:
@@ -661,9 +658,8 @@ def _smallest_option(
         lo, hi, passing = 0, len(widths), None  # the first width within the limit
         while lo < hi:
             mid = (lo + hi) // 2
-            try:
-                q = quantize_tensor(name, array, dtype, TensorPlan(widths[mid], scheme))
-            except E.EncodeError:  # values near the float32 limit overflow a coarse grid
+            q = _quantized(target, (widths[mid], scheme))
+            if q is None:  # a grid too coarse to store the values: finer widths may be
                 lo = mid + 1
                 continue
             if _channel_error(q.values().reshape(array.shape), reference, energy) <= limit:
