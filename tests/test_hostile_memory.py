@@ -54,6 +54,24 @@ print((status("VmHWM") - base) / os.path.getsize(path))
 """
 
 
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc"
+)
+READ_PATHS = ["load", "load_numpy", "open", "inspect", "verify"]
+
+
+def peak_ratio(path: Path, tiny: Path, how: str) -> float:
+    """The peak memory of read path ``how`` on ``path``, per byte of the file (PROBE)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), str(tiny), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module", params=["float32", "float64"])
 def bomb(request, tmp_path_factory) -> tuple[Path, Path, str]:
     dtype = request.param
@@ -66,18 +84,11 @@ def bomb(request, tmp_path_factory) -> tuple[Path, Path, str]:
     return path, tiny, dtype
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("how", ["load", "load_numpy", "open", "inspect", "verify"])
+@needs_proc
+@pytest.mark.parametrize("how", READ_PATHS)
 def test_peak_memory_of_every_read_path(bomb, how):
     path, tiny, dtype = bomb
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(path), str(tiny), how],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    ratio = float(done.stdout.strip().splitlines()[-1])
+    ratio = peak_ratio(path, tiny, how)
     # torch's loaders restore float64 (8 bytes a value); numpy's give float32
     bound = 512 if dtype == "float64" and how in ("load", "open") else 256
     assert ratio <= bound, f"{how}: {ratio:.0f} bytes of memory per file byte"
@@ -115,16 +126,9 @@ def header_bomb(request, tmp_path_factory) -> tuple[Path, Path]:
     return path, tiny
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("how", ["load", "load_numpy", "open", "inspect", "verify"])
+@needs_proc
+@pytest.mark.parametrize("how", READ_PATHS)
 def test_peak_memory_on_header_bombs(header_bomb, how):
     path, tiny = header_bomb
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(path), str(tiny), how],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    ratio = float(done.stdout.strip().splitlines()[-1])
+    ratio = peak_ratio(path, tiny, how)
     assert ratio <= 256, f"{how}: {ratio:.0f} bytes of memory per file byte"
