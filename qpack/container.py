@@ -35,7 +35,7 @@ from .bitpack import packed_size
 from .entropy import MAX_CODE_LENGTH, length_stats, pack_lengths, unpack_lengths
 
 MAGIC = b"\x89QPK\r\n\x1a\n"
-VERSION = (1, 3)  # the newest version this module reads and writes
+VERSION = (1, 4)  # the newest version this module reads and writes
 PREAMBLE_SIZE = 24
 ALIGNMENT = 64
 
@@ -68,8 +68,8 @@ DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # Storage kinds (spec section 4.2): how a tensor's bytes hold its values.
-RAW, PACKED, HUFFMAN = "raw", "packed", "huffman"
-STORAGE_KINDS = (RAW, PACKED, HUFFMAN)
+RAW, PACKED, HUFFMAN, HALF = "raw", "packed", "huffman", "half"
+STORAGE_KINDS = (RAW, PACKED, HUFFMAN, HALF)
 # Every key a tensor entry may carry (spec section 4.2); others are ignored extensions.
 TENSOR_KEYS = (
     "name",
@@ -93,6 +93,9 @@ TENSOR_KEYS = (
     "chunk_starts",
 )
 QUANTIZED_KINDS = (PACKED, HUFFMAN)
+# Kinds that decode to float32 values (the loader converts them to ``dtype``): the quantized
+# ones and binary16 (version 1.4).
+FLOAT32_KINDS = (*QUANTIZED_KINDS, HALF)
 GRANULARITIES = ("tensor", "channel", "group")
 SCALE_DTYPES = {"float32": "<f4", "float16": "<f2"}  # how scale and zero_point are stored
 
@@ -204,6 +207,8 @@ def expected_length(entry: TensorEntry) -> int:
     """Bytes the tensor must occupy given its shape, dtype and storage."""
     if entry.storage == RAW:
         return entry.numel * DTYPE_SIZES[entry.dtype]
+    if entry.storage == HALF:
+        return entry.numel * 2
     return packed_size(entry.numel, entry.bits)
 
 
@@ -219,6 +224,8 @@ def build_header(tensors: list[TensorEntry], metadata: dict[str, str], data_size
 
 
 def _minor_version(entry: TensorEntry) -> int:
+    if entry.storage == HALF:
+        return 4
     if entry.granularity == "group":
         return 3
     if entry.storage != HUFFMAN:
@@ -654,6 +661,8 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
         length=_uint(raw["length"], "length", path, name),
         crc32=_uint(raw["crc32"], "crc32", path, name, 1 << 32),
     )
+    if storage in FLOAT32_KINDS and dtype not in FLOAT_DTYPES:
+        _fail(path, f"{storage} tensors decode to floats; dtype {dtype!r} is invalid", name)
     if storage in QUANTIZED_KINDS:
         _validate_packed(entry, raw, path)
     if storage == HUFFMAN:
@@ -671,8 +680,6 @@ def _validate_tensor(raw, index: int, path) -> TensorEntry:
 
 def _validate_packed(entry: TensorEntry, raw: dict, path) -> None:
     name = entry.name
-    if entry.dtype not in FLOAT_DTYPES:
-        _fail(path, f"quantized tensors decode to floats; dtype {entry.dtype!r} is invalid", name)
     for key in ("bits", "dequant", "granularity", "scale", "zero_point"):
         if key not in raw:
             _fail(path, f"quantized tensor lacks the required key {key!r}", name)

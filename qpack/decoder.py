@@ -18,7 +18,7 @@ import numpy as np
 from . import errors as E
 from . import kernels
 from .bitpack import padding_is_zero, unpack_codes
-from .container import HUFFMAN, PACKED, RAW, TensorEntry
+from .container import HALF, HUFFMAN, PACKED, RAW, TensorEntry
 from .dtypes import NUMPY_DTYPES
 from .entropy import decode_symbols, decode_values, lanes_pay, ungroup_symbols
 from .schemes import decodes_finite, dequantize, dequantize_stream
@@ -97,6 +97,12 @@ def decode_payload(
             out = stored.astype(stored.dtype.newbyteorder("="))
         else:
             out[...] = stored
+        return out.reshape(entry.shape)
+    if entry.storage == HALF:  # binary16 widened exactly (spec section 6.4)
+        stored = np.frombuffer(data, dtype="<f2")
+        if out is None:
+            return stored.astype(np.float32).reshape(entry.shape)
+        out[...] = stored
         return out.reshape(entry.shape)
     check_decodes_finite(entry, path)
     if kernels.native is not None:

@@ -23,7 +23,7 @@ import torch
 
 from . import errors as E
 from ._threads import cpu_count
-from .container import DTYPE_SIZES, HUFFMAN, PACKED, QUANTIZED_KINDS, RAW, TensorEntry
+from .container import DTYPE_SIZES, HALF, HUFFMAN, PACKED, QUANTIZED_KINDS, RAW, TensorEntry
 from .decoder import (
     check_decodes_finite,
     check_packed_padding,
@@ -73,9 +73,9 @@ def stage(
             path=path,
             tensor=entry.name,
         )
-    if entry.storage == RAW:
+    if entry.storage in (RAW, HALF):
         check_raw(entry, buf, path)
-        size = DTYPE_SIZES[entry.dtype]
+        size = DTYPE_SIZES[entry.dtype] if entry.storage == RAW else 2
         if sys.byteorder != "little" and size > 1:  # torch views bytes in host order
             buf = buf.view(f"<u{size}").astype(f"=u{size}").view(np.uint8)
     elif entry.storage not in QUANTIZED_KINDS:
@@ -115,6 +115,8 @@ def finish(entry: TensorEntry, staged: torch.Tensor, device: torch.device) -> to
     data = staged.to(device, non_blocking=True)
     if entry.storage == RAW:
         return data.view(dtype).reshape(entry.shape)
+    if entry.storage == HALF:  # binary16 widened exactly, then converted as quantized values
+        return data.view(torch.float16).float().reshape(entry.shape).to(dtype)
     if entry.storage == PACKED:
         data = _unpack(data, entry.bits, entry.numel)
     return _dequantize(data, entry, device).reshape(entry.shape).to(dtype)

@@ -22,6 +22,7 @@ from .schemes import DEFAULT_SCHEME, check_scheme, levels_for
 __all__ = [
     "DEFAULT_BITS",
     "DEFAULT_ENTROPY",
+    "HALF_BITS",
     "ROUNDINGS",
     "Item",
     "Plan",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 DEFAULT_BITS = 8
+# ``bits`` that stores a tensor as IEEE binary16 values (storage "half", spec 6.4) instead of
+# codes: GGUF's F16, for tensors too sensitive for 8-bit codes; they decode to ``dtype``.
+HALF_BITS = 16
 # Huffman-code the quantized codes where that is smaller (it never makes a file larger).
 DEFAULT_ENTROPY = True
 # How codes are chosen on a tensor's grid: round to nearest, or error-compensating
@@ -44,7 +48,8 @@ Item = tuple[str, np.ndarray, str]  # (name, array, header dtype)
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """What one tensor becomes: ``bits`` None keeps it raw (exact)."""
+    """What one tensor becomes: ``bits`` None keeps it raw (exact), :data:`HALF_BITS`
+    stores binary16 values, 1 to 8 quantizes it."""
 
     bits: float | None
     scheme: str = DEFAULT_SCHEME
@@ -83,10 +88,11 @@ def resolve(
 ) -> Plan:
     """Check the options against the tensors and decide every tensor's :class:`TensorPlan`.
 
-    ``bits`` maps names to widths (``None`` keeps that tensor exact; names it leaves out
-    follow the default rule at :data:`DEFAULT_BITS`) or is one width for every tensor the
-    default rule quantizes. ``scheme`` and ``rounding`` likewise map names or give one
-    value for all. Raises :class:`~qpack.errors.EncodeError` for unknown names or values.
+    ``bits`` maps names to widths (``None`` keeps that tensor exact, :data:`HALF_BITS`
+    stores it as binary16; names it leaves out follow the default rule at
+    :data:`DEFAULT_BITS`) or is one width for every tensor the default rule quantizes.
+    ``scheme`` and ``rounding`` likewise map names or give one value for all. Raises
+    :class:`~qpack.errors.EncodeError` for unknown names or values.
     """
     names = [name for name, _, _ in items]
     _check(names, bits, scheme, rounding)
@@ -128,7 +134,7 @@ def _check(names: list[str], bits, scheme, rounding) -> None:
             if unknown:
                 raise E.EncodeError(f"{what} given for tensors not in the state_dict: {unknown}")
     for value in bits.values() if isinstance(bits, Mapping) else [bits]:
-        if value is not None:
+        if value is not None and value != HALF_BITS:
             try:
                 levels_for(value)
             except ValueError as exc:

@@ -20,7 +20,7 @@ from .dtypes import bf16_to_f32
 from .plan import TensorPlan
 from .schemes import Quantized, decodes_finite, levels_for, quantize
 
-__all__ = ["Rounder", "float_values", "gptq_rounder", "quantize_tensor"]
+__all__ = ["Rounder", "float_values", "gptq_rounder", "half_values", "quantize_tensor"]
 
 # (name, float32 values, grid from the scheme, levels) -> codes on that grid (each below
 # levels), or None to keep the round-to-nearest codes (a tensor it has no statistics for).
@@ -30,6 +30,22 @@ Rounder = Callable[[str, np.ndarray, Quantized, int], "np.ndarray | None"]
 def float_values(array: np.ndarray, dtype: str) -> np.ndarray:
     """A floating tensor's values as float32 (bfloat16 bit patterns widened exactly)."""
     return bf16_to_f32(array) if dtype == "bfloat16" else array.astype(np.float32, copy=False)
+
+
+def half_values(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+    """A floating tensor as little-endian binary16 values (round to nearest even), for
+    storage "half"; raises :class:`~qpack.errors.EncodeError` naming the tensor when a
+    finite value would overflow to infinity."""
+    values = float_values(array, dtype)
+    with np.errstate(over="ignore"):
+        half = values.astype("<f2")
+    if np.isinf(half).sum() != np.isinf(values).sum():
+        raise E.EncodeError(
+            f"values beyond float16's range (max |w| = {np.abs(values).max():.3g}) "
+            "cannot be stored as float16; quantize this tensor or keep it raw",
+            tensor=name,
+        )
+    return half
 
 
 def quantize_tensor(

@@ -18,6 +18,7 @@ from ._threads import cpu_count, ordered_map
 from ._zlib import crc32
 from .container import (
     DTYPE_SIZES,
+    HALF,
     HUFFMAN,
     PACKED,
     PREAMBLE_SIZE,
@@ -140,7 +141,7 @@ class Reader:
     def array(
         self, name: str, out: np.ndarray | None = None, dequant: Dequantizer | None = None
     ) -> np.ndarray:
-        """Decode one tensor: float32 for packed tensors, the stored dtype for raw ones
+        """Decode one tensor: float32 for quantized and half tensors, the stored dtype for raw ones
         (bfloat16 as its uint16 bit patterns); ``out`` and ``dequant`` as in
         :meth:`arrays`."""
         entry = self.entry(name)
@@ -180,7 +181,7 @@ class Reader:
         file holds Huffman-coded tensors, else one) a few tensors ahead of the consumer, and
         yielded in order; a bad file raises the error of the first bad tensor in file order,
         as a sequential reader would. ``alloc(entry)``, if given, returns the flat array to
-        decode into: float32 for quantized tensors, else the stored dtype (uint16 for
+        decode into: float32 for quantized and half tensors, else the stored dtype (uint16 for
         bfloat16), ``numel`` elements. ``dequant`` replaces the numpy dequantizer (see
         :func:`decode_payload`). ``ahead`` bounds the tensors decoded ahead of the consumer
         (see :func:`ordered_map`); a consumer that keeps every tensor (a whole load) may
@@ -279,8 +280,8 @@ class Reader:
 def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
     """Decode the bytes of a .qpk file to numpy arrays, in file order (no torch needed).
 
-    Packed tensors decode to float32; raw tensors keep their dtype, except bfloat16, which
-    numpy lacks, and is widened exactly to float32.
+    Quantized and half tensors decode to float32; raw tensors keep their dtype, except
+    bfloat16, which numpy lacks, and is widened exactly to float32.
 
     Example:
         >>> arrays = qpack.decode(open("model.qpk", "rb").read())
@@ -321,13 +322,14 @@ def describe(reader: Reader, stats: bool = False) -> dict:
         quantized = e.storage in QUANTIZED_KINDS
         # the header's scale and zero_point bytes: a quantized tensor's cost beside its codes
         params = _param_bytes(e) if quantized else 0
+        stored = 16 if e.storage == HALF else DTYPE_SIZES[e.dtype] * 8
         row = {
             "name": e.name,
             "shape": list(e.shape),
             "dtype": e.dtype,
             "storage": e.storage,
-            "bits": e.bits if quantized else DTYPE_SIZES[e.dtype] * 8,
-            "scheme": (e.scheme or "-") if quantized else RAW,
+            "bits": e.bits if quantized else stored,
+            "scheme": (e.scheme or "-") if quantized else e.storage,
             "offset": e.offset,
             "bytes": e.length,
             "crc32": f"{e.crc32:08x}",

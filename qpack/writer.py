@@ -24,11 +24,11 @@ from ._version import __version__
 from ._zlib import crc32
 from .atomic import WRITE_CHUNK, write_atomic
 from .bitpack import pack_codes, packed_size
-from .container import HUFFMAN, PACKED, RAW, TensorEntry, align, build_header, layout
+from .container import HALF, HUFFMAN, PACKED, RAW, TensorEntry, align, build_header, layout
 from .dtypes import NUMPY_DTYPES
 from .entropy import best_group, encode_symbols, index_chunk
-from .plan import Item, Plan, TensorPlan
-from .quantize import Rounder, quantize_tensor
+from .plan import HALF_BITS, Item, Plan, TensorPlan
+from .quantize import Rounder, half_values, quantize_tensor
 from .schemes import Quantized
 
 __all__ = [
@@ -95,6 +95,10 @@ def encode_tensor(
         payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
         payload = payload.view(np.uint8)
         entry = TensorEntry(name, shape, dtype, RAW, 0, payload.size, crc32(payload))
+        return entry, payload
+    if plan.bits == HALF_BITS:
+        payload = half_values(name, array, dtype).reshape(-1).view(np.uint8)
+        entry = TensorEntry(name, shape, dtype, HALF, 0, payload.size, crc32(payload))
         return entry, payload
     q = quantize_tensor(name, array, dtype, plan, rounder)
     entry, huffman = quantized_entry(name, shape, dtype, q, plan.scheme, entropy)

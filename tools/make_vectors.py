@@ -333,7 +333,34 @@ def valid_vectors() -> dict[str, tuple[bytes, str]]:
         f"an unknown key holding arrays nested to depth {MAX_DEPTH} (the header map is depth 1)",
     )
     v.update(_group_vectors())
+    v.update(_half_vectors())
     return v
+
+
+def _half_vectors() -> dict[str, tuple[bytes, str]]:
+    """Version 1.4: tensors stored as binary16 values (spec section 6.4)."""
+    example = np.array([1.0, -0.0, 65504.0], dtype="<f2").view(np.uint8)
+    entry = TensorEntry("w", (3,), "float32", "half", 0, 6, zlib.crc32(example.tobytes()))
+    special = np.array(
+        [[0.1, 2.0**-24, 1e-9, -1.5], [np.inf, -np.inf, -65504.0, 3.0e-5]], dtype=np.float32
+    )
+    r = _rng(14)
+    mixed = {
+        "w": special,
+        "x": r.normal(size=(3, 5)),  # float64: decodes to binary32, restored exactly
+        "b": r.normal(size=4).astype(np.float32),
+    }
+    return {
+        "half_float32": (
+            _single(entry, example),
+            "the worked example of section 6.4: 1.0, -0.0 and 65504.0 as binary16",
+        ),
+        "half_mixed": (
+            qpack.encode(mixed, bits={"w": 16, "x": 16, "b": None}, metadata=META),
+            "half storage of a float32 tensor (0.1, the least subnormal, a value that "
+            "rounds to zero, infinities, a subnormal) and of a float64 one, beside a raw bias",
+        ),
+    }
 
 
 def _group_vectors() -> dict[str, tuple[bytes, str]]:
@@ -749,6 +776,32 @@ def _group_invalid(base: bytes) -> dict[str, tuple[bytes, str, str, str | None]]
     }
 
 
+def _half_invalid(base: bytes) -> dict[str, tuple[bytes, str, str, str | None]]:
+    """Defects of version 1.4's half storage, each in a copy of the valid ``base``."""
+
+    def short(header, data):
+        header["tensors"][0]["length"] -= 2
+        header["tensors"][0]["crc32"] = zlib.crc32(data[: header["tensors"][0]["length"]])
+
+    def integer(header, data):
+        header["tensors"][0]["dtype"] = "int16"
+
+    return {
+        "half_length": (
+            _mutate(base, short, (1, 4)),
+            "bad-layout",
+            "a half tensor one value shorter than its shape",
+            None,
+        ),
+        "half_int_dtype": (
+            _mutate(base, integer, (1, 4)),
+            "bad-header",
+            "half storage with dtype int16 (the same length as its binary16 values)",
+            None,
+        ),
+    }
+
+
 # {"tensors": [], "data_size": 0, "x": ...}, the value of "x" to be appended
 _EMPTY_HEADER = b"\x83\xa7tensors\x90\xa9data_size\x00\xa1x"
 
@@ -848,7 +901,10 @@ def expectation(blob: bytes) -> dict:
             "storage": entry.storage,
         }
         small = entry.numel <= 256  # informational lists only where they stay readable
-        if entry.storage in QUANTIZED_KINDS:
+        if entry.storage == "half":
+            row["decoded_dtype"] = "float32"
+            le = array.astype("<f4")
+        elif entry.storage in QUANTIZED_KINDS:
             row["bits"] = entry.bits
             row["granularity"] = entry.granularity
             if entry.granularity == "group":
@@ -865,7 +921,9 @@ def expectation(blob: bytes) -> dict:
             row["decoded_dtype"] = entry.dtype
             le = array.astype(array.dtype.newbyteorder("<"))
         row["data"] = le.tobytes().hex()
-        if small and (entry.dtype != "bfloat16" or entry.storage != "raw"):
+        # strict JSON has no infinities: data alone gives those tensors' values
+        finite = array.dtype.kind != "f" or bool(np.isfinite(array).all())
+        if small and finite and (entry.dtype != "bfloat16" or entry.storage != "raw"):
             row["values"] = array.reshape(-1).tolist()
         tensors.append(row)
     return {"metadata": reader.metadata, "tensors": tensors}
@@ -884,6 +942,7 @@ def build() -> dict[str, bytes]:
         )
     invalid = invalid_vectors(valid["mini_unet_block"][0])
     invalid.update(_group_invalid(valid["group_huffman"][0]))
+    invalid.update(_half_invalid(valid["half_mixed"][0]))
     for name, (blob, code, text, tensor) in invalid.items():
         files[f"invalid/{name}.qpk"] = blob
         case = {"file": f"invalid/{name}.qpk", "error": code, "description": text}
@@ -895,7 +954,7 @@ def build() -> dict[str, bytes]:
 
 
 def _dump(obj) -> bytes:
-    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
