@@ -1,5 +1,6 @@
 """Smoke test of tools/bench.py: a --quick run exits 0 and its JSON holds every measurement
-and ratio. No timing assertions: machines are too noisy for them."""
+and ratio, the fresh-process headline included. No timing assertions: machines are too
+noisy for them."""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ PEER_ROWS = [
     ("safetensors load_file", 16, "float16"),
     ("gguf-py file load", 8, "Q8_0"),
     ("gguf-py file load", 4, "Q4_0"),
+]
+FRESH_ROWS = [
+    "torch.load float32 .pt",
+    "safetensors float32",
+    "np.copy float32",
+    "qpack --bits 8",
+    "qpack --bits 4",
+    "qpack 8-bit fixed-width",
 ]
 RATIOS = [
     *(
@@ -72,7 +81,14 @@ def test_quick_run_writes_every_number(tmp_path):
     assert {"date", "cpu", "python", "numpy", "torch", "gguf", "safetensors", "qpack"} <= set(
         data["machine"]
     )
+    assert {"malloc (headline)", "malloc (in-process)", "headline dir"} <= set(data["machine"])
     assert set(data["workloads"]) == {"conv19m", "unet"}
+    assert set(data["headline"]) == {"conv19m", "audio22m"}
+    for name, fresh in data["headline"].items():
+        check_headline(name, fresh)
+    head, _, second = proc.stdout.partition("Warm loads and saves in this process (malloc: ")
+    assert "Headline: first load in a fresh process" in head and "== targets" in head
+    assert second.startswith(data["machine"]["malloc (in-process)"]), second[:200]
     for name, workload in data["workloads"].items():
         rows = {(r["method"], r["bits"], r["storage"]): r for r in workload["results"]}
         for key in QPACK_ROWS + PEER_ROWS:
@@ -102,6 +118,86 @@ def test_quick_run_writes_every_number(tmp_path):
         ), workload["checks"]
 
 
+def check_headline(name: str, fresh: dict) -> None:
+    """One workload of the headline: every contender's warm (and, unless skipped with a
+    reason, cold) first load, its ratio to torch.load, the pack ratio and the targets."""
+    assert fresh["name"] == name and fresh["params"] > 0 and fresh["rounds"] == 1
+    rows = {r["label"]: r for r in fresh["rows"]}
+    assert list(rows) == FRESH_ROWS
+    modes = ["warm"] if fresh["cold_skipped"] else ["warm", "cold"]
+    for label, row in rows.items():
+        assert row["bytes"] > 0
+        for mode in modes:
+            cell = row[mode]
+            assert len(cell["times_s"]) == 1 and cell["median_s"] == cell["times_s"][0]
+            assert math.isfinite(cell["median_s"]) and cell["median_s"] > 0, (name, label)
+            assert math.isfinite(cell["vs_torch_load"]) and cell["vs_torch_load"] > 0
+        if fresh["cold_skipped"]:
+            assert row["cold"] is None
+    for mode in modes:
+        assert rows["torch.load float32 .pt"][mode]["vs_torch_load"] == 1.0
+    pack = fresh["pack"]
+    assert len(pack["qpack_save_s"]) == len(pack["torch_save_s"]) == 1
+    assert math.isfinite(pack["vs_torch_save"]) and pack["vs_torch_save"] > 0
+    targets = {t["name"]: t for t in fresh["targets"]}
+    wanted = {
+        f"{name}: {mode} first load, qpack --bits {b} vs torch.load float32": (mode, b)
+        for mode in ("warm", "cold")
+        for b in (8, 4)
+    }
+    assert set(targets) == {*wanted, f"{name}: pack, qpack.save(bits=8) time / torch.save float32"}
+    for key, t in targets.items():
+        if key in wanted:
+            mode, bits = wanted[key]
+            assert t["target"] == {"warm": 1.5, "cold": 2.0}[mode]
+            cell = rows[f"qpack --bits {bits}"][mode]
+            if cell is None:
+                assert t["value"] is t["pass"] is None and t["why_not"] == fresh["cold_skipped"]
+                continue
+            assert t["value"] == cell["vs_torch_load"]
+            assert t["pass"] is (t["value"] >= t["target"])
+        else:
+            assert t["target"] == 3.0 and t["value"] == pack["vs_torch_save"]
+            assert t["pass"] is (t["value"] <= 3.0)
+
+
+def _fresh_module():
+    _bench_module()  # puts tools/ on sys.path
+    import bench_fresh
+
+    return bench_fresh
+
+
+def test_fresh_targets_and_the_cold_column_where_pages_cannot_drop(monkeypatch):
+    """Targets are judged on the medians of per-round ratios; where the files' pages cannot
+    be dropped the cold column is skipped with the reason, reported, not judged."""
+    fresh = _fresh_module()
+    rows = [
+        {"label": label, "bytes": 1, "warm": {"times_s": [1.0], "median_s": 1.0}, "cold": None}
+        for label in FRESH_ROWS
+    ]
+    for row, speedup in zip(rows, (1.0, 0.5, 2.0, 1.5, 1.49, 3.0), strict=True):
+        row["warm"]["vs_torch_load"] = speedup
+    result = {
+        "name": "toy",
+        "params": 10,
+        "rounds": 1,
+        "cold_skipped": "on tmpfs",
+        "rows": rows,
+        "pack": {"qpack_save_s": [3.0], "torch_save_s": [1.0], "vs_torch_save": 3.0},
+    }
+    result["targets"] = fresh.judge(result)
+    verdicts = [fresh.verdict(t) for t in result["targets"]]
+    assert verdicts == ["PASS", "MISS", *["not measured (on tmpfs)"] * 2, "PASS"]
+    text = fresh.report(result, markdown=False) + fresh.report_targets([result], False)
+    assert "cold cache: not measured (on tmpfs)" in text and "cold: median" not in text
+    assert fresh.ratio([2.0, 4.0, 9.0], [1.0, 1.0, 1.0]) == 4.0  # the median, not the best
+    if fresh.filesystem(Path("/dev/shm")) == "tmpfs":
+        assert "tmpfs" in fresh.cold_unavailable(Path("/dev/shm"))
+    monkeypatch.delattr(fresh.os, "posix_fadvise", raising=False)
+    assert "posix_fadvise" in fresh.cold_unavailable(Path("."))
+
+
 def test_device_rows_on_the_cpu(tmp_path):
     """The --device cuda rows, run on torch's "cpu" device so machines without a GPU check
     them too: every load is timed, bit-identical to the CPU load, and ratioed."""
@@ -110,7 +206,7 @@ def test_device_rows_on_the_cpu(tmp_path):
     import qpack
 
     bench = _bench_module()
-    state = bench.conv_state(2, (16, 8, 3, 3))
+    state = bench.bench_fresh.conv_state(2, (16, 8, 3, 3))
     res = bench.Results("tiny", bench.n_params(state), 0, 2)
     torch.save(state, tmp_path / "tiny-f32.pt")
     from safetensors.torch import save_file

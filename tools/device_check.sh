@@ -35,7 +35,7 @@ echo "cuda cases passed: $(grep -c '^PASSED.*cuda' "$OUT/device-tests.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/device-tests.log" | head -n 20
 
 echo "== bench"
-python3 tools/bench.py --device cuda --markdown --json "$OUT/bench.json" \
+python3 tools/bench.py --device cuda --no-fresh --markdown --json "$OUT/bench.json" \
     >"$OUT/bench.md" 2>"$OUT/bench.err"
 echo "bench rc $?"
 grep -E "cuda|CHECK|total" "$OUT/bench.md"
