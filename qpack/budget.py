@@ -35,10 +35,10 @@ import numpy as np
 
 from . import errors as E
 from ._threads import ordered_map
-from .container import ALIGNMENT
+from .container import ALIGNMENT, HALF, TensorEntry
 from .dtypes import as_items, bf16_to_f32
-from .plan import DEFAULT_BITS, TensorPlan, default_bits, resolve
-from .quantize import gptq_rounder, quantize_tensor
+from .plan import DEFAULT_BITS, HALF_BITS, TensorPlan, default_bits, resolve
+from .quantize import gptq_rounder, half_values, quantize_tensor
 from .schemes import levels_for, parse_scheme
 from .writer import encode_chunks, quantized_entry
 
@@ -55,6 +55,11 @@ GAIN_WIDTH = 4.0
 # A width query searches many plans on the same calibration inputs, so the one it keeps
 # fits them better than unseen data: it is held this far below the reference there.
 MARGIN = 0.9
+# And beyond the inputs' noise, where the check gives each example's error: the paired
+# differences (plan - MARGIN x reference) must be below zero by this many standard errors
+# (one-sided, about 98%). On a recurrent model's 512 check examples the margin alone was
+# too little; on less noisy outputs it is the margin that binds.
+CONFIDENCE_Z = 2.0
 # Forward passes a width query may spend on steps between the path's points.
 REFINE_STEPS = 4
 # Candidates a size query chooses among: this many points of the Lagrangian path, spread
@@ -62,6 +67,9 @@ REFINE_STEPS = 4
 SIZE_CANDIDATES = 24
 
 Evaluate = Callable[[Mapping[str, np.ndarray]], float]
+# A check: the error plans are held to, or each example's share of it (an array summing to
+# it), which lets a plan be compared with its reference as paired samples.
+Check = Callable[[Mapping[str, np.ndarray]], "float | np.ndarray"]
 
 # Grids the allocator chooses between for each tensor. With entropy coding one step for the
 # whole tensor often costs fewer bits for the same error; per-channel scales win at low
@@ -85,15 +93,21 @@ GROUP_MAX_BITS = 6.0
 # nothing could be saved; there the reference is standard per-layer int8 instead.
 REFERENCE_SCHEME = "asymmetric-per-channel"
 TOP_REFERENCE_SCHEME = "symmetric-per-layer"
-# Below 8 bits (whole widths) the reference is also N-bit codes in blocks of this many
-# weights (a short block ending a row), whichever is more accurate: then qpack's 4-bit is
-# at least as accurate as Q4_0's blocks on every tensor, on the calibration data with a
-# model, tensor by tensor without one (symmetric-per-group-32 is that grid, so an option
-# always meets it).
+# Up to BLOCK_MAX_BITS (whole widths) the reference is also what a GGUF file of N-bit
+# blocks holds, whichever is more accurate: N-bit codes in blocks of this many weights where
+# a row is a whole number of blocks, binary16 values elsewhere (as GGUF keeps such tensors).
+# Then qpack's 4-bit is at least as accurate as a Q4_0 file, on the calibration data with a
+# model, tensor by tensor without one (symmetric-per-group-32 is that grid, and HALF_OPTION
+# those values, so an option always meets it). Above 5 bits a block's float16 scale costs
+# more than coding the step saves: held to blocks, 6- and 7-bit files came out larger than
+# 8-bit ones (whose reference is per-layer int8), on every model measured.
 REFERENCE_BLOCK = 32
+BLOCK_MAX_BITS = 5
 BLOCK_SCHEME = f"symmetric-per-group-{REFERENCE_BLOCK}"
 
 Option = tuple[float, str]  # (bits, scheme)
+# The option storing a tensor's binary16 values (storage "half"): its scheme is no grid.
+HALF_OPTION: Option = (float(HALF_BITS), HALF)
 
 
 @dataclass
@@ -121,8 +135,9 @@ def allocate(
     Give exactly one of:
 
     - ``bits=N``: the smallest file at least as accurate as N-bit per-channel round-to-nearest
-      quantization (at N = 8, standard per-layer int8): every tensor's own weight error, or
-      with ``evaluate`` the model's;
+      quantization (at N = 8, standard per-layer int8) or, for whole N up to 5, a GGUF file
+      of N-bit blocks (Q4_0 at 4 bits), whichever is more accurate: every tensor's own
+      weight error, or with ``evaluate`` the model's;
     - ``max_size=BYTES``: the least distortion whose file fits in ``BYTES``.
 
     Tensors that are not quantized (biases, integer buffers) map to ``None`` (kept exact).
@@ -147,15 +162,15 @@ class Allocator:
     let a layer's distortion be predicted in closed form, and make its codes
     error-compensating; ``evaluate`` is the model's real distortion (additive across
     layers, e.g. a mean squared output change), ``check`` (default: ``evaluate``) the error
-    plans are held to (e.g. a mean absolute output change); tensors named in ``raw`` are
-    kept exact."""
+    plans are held to (e.g. a mean absolute output change, or each example's share of it:
+    see :data:`CONFIDENCE_Z`); tensors named in ``raw`` are kept exact."""
 
     def __init__(
         self,
         state_dict: Mapping[str, Any],
         *,
         evaluate: Evaluate | None = None,
-        check: Evaluate | None = None,
+        check: Check | None = None,
         stats: Mapping[str, Any] | None = None,
         sensitivity: Mapping[str, np.ndarray] | None = None,
         schemes: tuple[str, ...] = OPTION_SCHEMES,
@@ -177,7 +192,7 @@ class Allocator:
         self._options = _options(schemes)
         self._measuring = (sensitivity or {}, evaluate, progress, bar)
         self._choices: list[_Choices] | None = None
-        self._joints: dict[tuple, float] = {}
+        self._joints: dict[tuple, float | np.ndarray] = {}
         self._sizes: dict[tuple, int] = {}
         self._answers: list[dict[str, Option]] = []  # plans for_bits returned
         # without a model a width query needs no measurements of every option (see
@@ -234,15 +249,28 @@ class Allocator:
         """The distortion with every target quantized as chosen: the model's, or the sum of
         relative weight errors; with plain round-to-nearest codes if ``plain`` (a
         reference's). Memoized."""
+        return float(np.sum(self._checked(chosen, plain)))
+
+    def _within(self, chosen: Mapping[str, Option], reference: Mapping[str, Option]) -> bool:
+        """Whether ``chosen`` is more accurate than the round-to-nearest ``reference`` on the
+        check's inputs, sure beyond their noise (:data:`CONFIDENCE_Z`)."""
+        mine, ref = self._checked(chosen), self._checked(reference, plain=True)
+        if np.ndim(mine) == 0 or np.size(mine) < 2:
+            return float(np.sum(mine)) <= MARGIN * float(np.sum(ref))
+        diff = (mine - MARGIN * ref) * mine.size  # per example, in units of the mean error
+        return diff.mean() + CONFIDENCE_Z * diff.std(ddof=1) / math.sqrt(diff.size) <= 0
+
+    def _checked(self, chosen: Mapping[str, Option], plain: bool = False) -> Any:
+        """The check's result with every target quantized as chosen (see :meth:`joint`)."""
         key = (plain, *(chosen.get(n) for n, _, _ in self._targets))
         if key not in self._joints:
             decoded = {}
-            for name, array, dtype in self._targets:
+            for target in self._targets:
+                name, array = target[:2]
                 if name not in chosen:
                     continue  # kept exact
                 rounding = "nearest" if plain else self.rounding(name)
-                tp = TensorPlan(*chosen[name], rounding)
-                q = quantize_tensor(name, array, dtype, tp, self.rounder)
+                q = _quantized(target, chosen[name], rounding, self.rounder, strict=True)
                 decoded[name] = q.values().reshape(array.shape)
             self._joints[key] = self._measure(decoded)
         return self._joints[key]
@@ -257,34 +285,39 @@ class Allocator:
         return self._sizes[key]
 
     def _plan(self, chosen: Mapping[str, Option], plain: bool = False) -> dict[str, dict]:
+        grids = {n: o for n, o in chosen.items() if o != HALF_OPTION}
         return {
             "bits": {n: chosen[n][0] if n in chosen else None for n, _, _ in self._items},
-            "scheme": {n: s for n, (_, s) in chosen.items()},
-            "rounding": {n: "nearest" if plain else self.rounding(n) for n in chosen},
+            "scheme": {n: s for n, (_, s) in grids.items()},
+            "rounding": {n: "nearest" if plain else self.rounding(n) for n in grids},
         }
 
     def for_bits(self, bits: float) -> dict[str, dict[str, Any]]:
-        """The smallest plan at least as accurate as the N-bit reference: without a model,
-        every tensor's weight error is at most its reference's (dominance, so no tensor
-        gets coarser than the reference); with one, the model's output error is."""
+        """The smallest plan at least as accurate as the N-bit references (see
+        :func:`_references`): without a model, every tensor's weight error is at most its
+        references' (dominance, so no tensor gets coarser than a reference); with one, the
+        model's output error is at most the more accurate reference's."""
         levels_for(bits)  # validates
         if not self._targets:
             return self._plan({})
         if self._weight_error:
             chosen = self._dominant(bits)
         else:
-            reference = {
-                t[0]: _reference(bits) for t in self._targets if _storable(t, _reference(bits))
-            }
-            target = self.joint(reference, plain=True)
-            if bits < 8 and float(bits).is_integer():  # also GGUF's blocks of 32
-                blocks = {n: _block_values(_float64(a, d), bits) for n, a, d in self._targets}
-                target = min(target, self._measure(blocks))
-            found = [self._smallest_within(target * MARGIN, 0)]
+            reference, target = None, math.inf
+            for rule in _references(bits):
+                plan = {t[0]: rule(t[1]) for t in self._targets}
+                plan = {t[0]: plan[t[0]] for t in self._targets if _storable(t, plan[t[0]])}
+                if self.joint(plan, plain=True) < target:
+                    reference, target = plan, self.joint(plan, plain=True)
+
+            def ok(chosen: Mapping[str, Option]) -> bool:
+                return self._within(chosen, reference)
+
+            found = [self._smallest_within(target, ok, 0)]
             if found[0] is not None and len(self._hulls) > 1 and _has_groups(found[0]):
                 # only the points predicted smaller than the plan found can replace it
                 below = _totals(self._choices, found[0])[0]
-                found.append(self._smallest_within(target * MARGIN, 1, below))
+                found.append(self._smallest_within(target, ok, 1, below))
             found = [c for c in found if c is not None]
             if not found:  # nothing considered is as accurate: the reference itself
                 return self._plan(reference, plain=True)
@@ -299,40 +332,44 @@ class Allocator:
 
         def one(target) -> Option | None:
             values = _finite(target)  # a tensor that is not finite is refused, not kept
-            option = _reference(bits)
-            q = _quantized(target, option)
-            if q is None:
-                return None  # the reference keeps it exact: so does the plan
             energy = _energy(values)
-            limit = _channel_error(q.values().reshape(values.shape), values, energy)
-            if bits < 8 and float(bits).is_integer():
-                block_error = _channel_error(_block_values(values, bits), values, energy)
-                if block_error < limit and _storable(target, (bits, BLOCK_SCHEME)):
-                    option, limit = (float(bits), BLOCK_SCHEME), block_error
-            limit *= 1 + 1e-6  # the block reference is computed in float64
+            option, least = None, math.inf
+            for reference in _references(bits):
+                q = _quantized(target, reference(target[1]))
+                if q is not None:
+                    error = _channel_error(q.values().reshape(values.shape), values, energy)
+                    if error < least:
+                        option, least = reference(target[1]), error
+            if option is None:
+                return None  # the references keep it exact: so does the plan
             mine = _fitting(self._options, target[1])
-            return _smallest_option(target, mine, limit, values, energy) or option
+            return _smallest_option(target, mine, least, values, energy) or option
 
         found = ordered_map(one, self._targets)
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
 
     def _smallest_within(
-        self, target: float, path: int, below: float = math.inf
+        self,
+        target: float,
+        ok: Callable[[Mapping[str, Option]], bool],
+        path: int,
+        below: float = math.inf,
     ) -> dict[str, Option] | None:
         """The smallest point of path ``path`` (0: every option; 1: per-tensor and
-        per-channel grids alone) predicted smaller than ``below`` whose real distortion is
-        at most ``target``: start where the prediction says, then gallop and bisect on real
-        evaluations (the real distortion falls along the path, give or take noise); then
-        refined. None when no such point passes."""
+        per-channel grids alone) predicted smaller than ``below`` that passes ``ok`` (its
+        real error is within the reference's, about ``target``): start where the
+        prediction says, then gallop and bisect on real evaluations (the real distortion
+        falls along the path, give or take noise); then refined. None when no such point
+        passes."""
         hull = [p for p in self._hulls[path] if p[0] < below]
         if not hull:
             return None
-        ok = {}
+        passed: dict[int, bool] = {}
 
         def passes(i: int) -> bool:
-            if i not in ok:
-                ok[i] = self.joint(hull[i][2]) <= target
-            return ok[i]
+            if i not in passed:
+                passed[i] = ok(hull[i][2])
+            return passed[i]
 
         start = next((i for i, p in enumerate(hull) if p[1] <= target), len(hull) - 1)
         if passes(start):
@@ -353,10 +390,13 @@ class Allocator:
             mid = (good + bad) // 2
             good, bad = (mid, bad) if passes(mid) else (good, mid)
         choices = self._choices if path == 0 else _without_groups(self._choices)
-        return self._refined(dict(hull[good][2]), target, choices)
+        return self._refined(dict(hull[good][2]), ok, choices)
 
     def _refined(
-        self, chosen: dict[str, Option], target: float, choices: list[_Choices]
+        self,
+        chosen: dict[str, Option],
+        ok: Callable[[Mapping[str, Option]], bool],
+        choices: list[_Choices],
     ) -> dict[str, Option]:
         """Smaller plans between the path's points: the path holds only the convex points
         of the size/distortion trade, so try single-tensor steps down, the cheapest in
@@ -372,7 +412,7 @@ class Allocator:
             best.setdefault(name, (cost, name, option))
         for _, name, option in sorted(best.values(), key=lambda m: m[0])[:REFINE_STEPS]:
             trial = {**chosen, name: option}
-            if self.joint(trial) <= target:
+            if ok(trial):
                 chosen = trial
         return chosen
 
@@ -432,17 +472,22 @@ class Allocator:
 
 
 def _options(schemes: tuple[str, ...]) -> list[Option]:
-    """Every (width, scheme) pair considered: per-group grids up to GROUP_MAX_BITS."""
-    return [
-        (b, s) for s in schemes for b in GRID if b <= GROUP_MAX_BITS or parse_scheme(s)[1] is None
-    ]
+    """Every (width, scheme) pair considered: per-group grids up to GROUP_MAX_BITS, and
+    binary16 values."""
+    grids = [(b, s) for s in schemes for b in GRID if b <= GROUP_MAX_BITS or not _group(s)]
+    return [*grids, HALF_OPTION]
+
+
+def _group(scheme: str) -> int | None:
+    """The group size of a per-group scheme, else None (binary16 values included)."""
+    return None if scheme == HALF else parse_scheme(scheme)[1]
 
 
 def _fitting(options: list[Option], array: np.ndarray) -> list[Option]:
     """The options that make sense for a tensor: per-group grids only where a row holds at
     least two groups (a group as long as the row is its channel's grid)."""
     inner = math.prod(array.shape[1:])
-    return [o for o in options if (parse_scheme(o[1])[1] or 0) * 2 <= inner]
+    return [o for o in options if (_group(o[1]) or 0) * 2 <= inner]
 
 
 @contextlib.contextmanager
@@ -450,34 +495,33 @@ def _quiet(total: int, what: str):
     yield lambda _n=1: None
 
 
-def _reference(bits: float) -> Option:
-    return (float(bits), TOP_REFERENCE_SCHEME if bits >= 8 else REFERENCE_SCHEME)
+def _references(bits: float) -> list[Callable[[np.ndarray], Option]]:
+    """The N-bit references, each a tensor -> option rule (a plan is held to whichever is
+    more accurate): N-bit per channel (per-layer int8 at 8 bits), and up to BLOCK_MAX_BITS,
+    for whole widths, a GGUF file of N-bit blocks: symmetric blocks of REFERENCE_BLOCK
+    weights with binary16 scales where a row is whole blocks (GGUF's Q4_0 at 4 bits), the
+    binary16 values elsewhere (GGUF keeps such a tensor in F16)."""
+    scheme = TOP_REFERENCE_SCHEME if bits >= 8 else REFERENCE_SCHEME
+
+    def blocks(array: np.ndarray) -> Option:
+        return (float(bits), BLOCK_SCHEME) if _whole_blocks(array) else HALF_OPTION
+
+    if bits <= BLOCK_MAX_BITS and float(bits).is_integer():
+        return [lambda array: (float(bits), scheme), blocks]
+    return [lambda array: (float(bits), scheme)]
 
 
-def _block_values(values: np.ndarray, bits: int) -> np.ndarray:
-    """The other N-bit reference below 8 bits: ``bits``-bit codes in blocks of
-    REFERENCE_BLOCK weights along each row, one float16 scale per block, symmetric around
-    the value of largest magnitude (GGUF's Q4_0 at 4 bits). A short block ends a row whose
-    length is not a multiple of the block (a GGUF file keeps such a tensor in float16
-    instead: not a 4-bit reference)."""
-    rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
-    cols = rows.shape[1]
-    padded = np.zeros((rows.shape[0], -(-cols // REFERENCE_BLOCK) * REFERENCE_BLOCK))
-    padded[:, :cols] = rows
-    blocks = padded.reshape(rows.shape[0], -1, REFERENCE_BLOCK)
-    pick = np.abs(blocks).argmax(axis=2)[..., None]
-    peak = np.take_along_axis(blocks, pick, axis=2)
-    half = 1 << (int(bits) - 1)
-    scale = (peak / -half).astype(np.float16).astype(np.float64)
-    safe = np.where(scale == 0, 1.0, scale)
-    codes = np.clip(np.rint(blocks / safe), -half, half - 1)
-    out = (codes * scale).reshape(rows.shape[0], -1)[:, :cols]
-    return out.reshape(values.shape).astype(np.float32)
+def _whole_blocks(array: np.ndarray) -> bool:
+    """Whether the tensor's rows are whole numbers of REFERENCE_BLOCK weights."""
+    return array.ndim > 0 and math.prod(array.shape[1:]) % REFERENCE_BLOCK == 0
 
 
 def _option_size(name: str, array: np.ndarray, dtype: str, q, scheme: str) -> int:
     """A quantized tensor's bytes in a file: payload, header entry, alignment on average."""
-    entry, _ = quantized_entry(name, array.shape, dtype, q, scheme, True)
+    if scheme == HALF:
+        entry = TensorEntry(name, array.shape, dtype, HALF, 0, 2 * array.size, 0)
+    else:
+        entry, _ = quantized_entry(name, array.shape, dtype, q, scheme, True)
     overhead = len(msgpack.packb(entry.to_header(), use_bin_type=True)) + ALIGNMENT // 2
     return entry.length + overhead
 
@@ -527,7 +571,7 @@ def _measure(target, options: list[Option], evaluate: Evaluate | None) -> _Choic
     at = [b for b in ANCHORS if (b, anchor_scheme) in anchors] or [widths.max()]
     if (at[0], anchor_scheme) not in decoded:  # no anchor storable: the finest option
         finest = options[int(np.argmax(widths))]
-        q = quantize_tensor(name, array, dtype, TensorPlan(*finest))
+        q = _quantized(target, finest, strict=True)
         decoded[(at[0], anchor_scheme)] = q.values().reshape(array.shape)
         errors_at = {at[0]: errors[options.index(finest)]}
     else:
@@ -582,6 +626,8 @@ def _families(schemes: Collection[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     groups: dict[str, list[tuple[int, str]]] = {}
     for scheme in sorted(schemes):
+        if scheme == HALF:
+            continue  # values, not codes: nothing to round
         base, size = parse_scheme(scheme)
         if size is None:
             out[scheme] = [scheme]
@@ -605,13 +651,30 @@ def _each_option(target, options: list[Option]) -> Iterator[tuple[Option, np.nda
             yield option, q.values().reshape(array.shape), size
 
 
-def _quantized(target, option: Option):
-    """The tensor quantized with ``option`` (round to nearest), or None where it cannot be
-    stored so: values near the float32 limit overflow coarse grids."""
+@dataclass
+class _Half:
+    """A tensor stored as binary16 values, with the ``values()`` of a quantized one."""
+
+    half: np.ndarray
+
+    def values(self) -> np.ndarray:
+        return self.half.astype(np.float32)
+
+
+def _quantized(
+    target, option: Option, rounding: str = "nearest", rounder=None, strict: bool = False
+):
+    """The tensor stored with ``option`` (rounded as ``rounding`` says), or None where it
+    cannot be stored so (``strict``: raise instead): values near the float32 limit
+    overflow coarse grids, and values beyond 65504 binary16."""
     name, array, dtype = target
     try:
-        return quantize_tensor(name, array, dtype, TensorPlan(*option))
+        if option == HALF_OPTION:
+            return _Half(half_values(name, array, dtype))
+        return quantize_tensor(name, array, dtype, TensorPlan(*option, rounding), rounder)
     except E.EncodeError:
+        if strict:
+            raise
         return None
 
 
@@ -701,7 +764,7 @@ def _without_groups(choices: list[_Choices]) -> list[_Choices]:
     """The choices restricted to per-tensor and per-channel grids."""
     out = []
     for c in choices:
-        keep = [i for i, (_, s) in enumerate(c.options) if parse_scheme(s)[1] is None]
+        keep = [i for i, (_, s) in enumerate(c.options) if _group(s) is None]
         if not keep:
             keep = list(range(len(c.options)))
         out.append(
@@ -717,7 +780,7 @@ def _without_groups(choices: list[_Choices]) -> list[_Choices]:
 
 
 def _has_groups(chosen: Mapping[str, Option]) -> bool:
-    return any(parse_scheme(s)[1] is not None for _, s in chosen.values())
+    return any(_group(s) is not None for _, s in chosen.values())
 
 
 def _hull(choices: list[_Choices]) -> list[tuple[float, float, dict[str, Option]]]:

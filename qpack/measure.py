@@ -90,11 +90,28 @@ class Evaluator:
         return self._compare(replaced, squared=True)
 
     def mean_abs(self, replaced: Mapping[str, np.ndarray]) -> float:
-        """The mean absolute output change (what plans are checked against: the error users
-        read, e.g. mean |p - p_float|)."""
+        """The mean absolute output change (the error users read, e.g. mean |p - p_float|)."""
         return self._compare(replaced, squared=False)
 
+    def example_errors(self, replaced: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Each example's share of :meth:`mean_abs` (their sum is it): the absolute output
+        change summed over each index of an output's first (batch) dimension, over the
+        element count. What plans are checked against: per example, a plan's error can be
+        compared with a reference's as paired samples, which says how sure a comparison
+        on these inputs is."""
+        rows = [
+            (o - r).abs().reshape(o.shape[0] if o.dim() and o.shape[0] else 1, -1).sum(1)
+            for o, r in self._changed(replaced)
+        ]
+        return torch.cat(rows).numpy() / self.count
+
     def _compare(self, replaced: Mapping[str, np.ndarray], squared: bool) -> float:
+        power = 2 if squared else 1
+        total = sum(float(((o - r).abs() ** power).sum()) for o, r in self._changed(replaced))
+        return total / self.count
+
+    def _changed(self, replaced: Mapping[str, np.ndarray]) -> list[tuple]:
+        """(output, reference output) pairs with the parameters replaced."""
         saved = {}
         self.calls += 1
         with torch.no_grad():
@@ -108,9 +125,8 @@ class Evaluator:
             finally:
                 for name, value in saved.items():
                     self._params[name].copy_(value)
-        if len(outs) != len(self.reference):
+        if len(outs) != len(self.reference) or any(
+            o.shape != r.shape for o, r in zip(outs, self.reference, strict=True)
+        ):
             raise E.EncodeError("the model's outputs change shape between calls")
-        pairs = zip(outs, self.reference, strict=True)
-        power = 2 if squared else 1
-        total = sum(float(((o - r).abs() ** power).sum()) for o, r in pairs)
-        return total / self.count
+        return list(zip(outs, self.reference, strict=True))

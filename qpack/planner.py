@@ -24,7 +24,16 @@ from typing import Any
 
 from . import errors as E
 from .dtypes import as_items
-from .plan import DEFAULT_BITS, DEFAULT_ENTROPY, ROUNDINGS, Item, Plan, default_bits, resolve
+from .plan import (
+    DEFAULT_BITS,
+    DEFAULT_ENTROPY,
+    HALF_BITS,
+    ROUNDINGS,
+    Item,
+    Plan,
+    default_bits,
+    resolve,
+)
 from .quantize import Rounder, gptq_rounder
 from .schemes import DEFAULT_SCHEME, levels_for
 
@@ -136,7 +145,7 @@ class Planner:
                     lambda: Allocator(
                         self.state,
                         evaluate=evaluate,
-                        check=evaluate.mean_abs if evaluate is not None else None,
+                        check=evaluate.example_errors if evaluate is not None else None,
                         stats=self.stats,
                         sensitivity=sensitivity,
                         progress=self.note,
@@ -182,7 +191,7 @@ class Planner:
         if max_size is not None and (uniform or spelled):
             raise E.EncodeError("max_size chooses the widths: it cannot be combined with "
                                 "uniform=True, a scheme or a bits mapping")
-        if not isinstance(bits, Mapping):
+        if not isinstance(bits, Mapping) and bits != HALF_BITS:
             try:
                 levels_for(bits)
             except ValueError as exc:
@@ -202,7 +211,8 @@ class Planner:
                 return rounding
             return {n: "gptq" if n in stats else "nearest" for n in names}
 
-        if raw and not isinstance(bits, Mapping) and (spelled or uniform or not entropy):
+        half = bits == HALF_BITS  # every weight's float16 value: nothing to choose
+        if raw and not isinstance(bits, Mapping) and (spelled or uniform or half or not entropy):
             bits = {  # every tensor spelled out: the others at the width asked for
                 name: None if name in raw else default_bits(array, dtype, bits)
                 for name, array, dtype in as_items(self.state)
@@ -214,6 +224,9 @@ class Planner:
             options = {"bits": dict(bits), "scheme": scheme or DEFAULT_SCHEME,
                        "rounding": default_rounding(named)}
             return Planned(options, rounder, "widths as given", dict(self.timings))
+        if half and max_size is None:
+            options = {"bits": bits, "scheme": scheme or DEFAULT_SCHEME, "rounding": "nearest"}
+            return Planned(options, None, "float16 values", dict(self.timings))
         if max_size is None and (uniform or spelled or not entropy):
             scheme = scheme or DEFAULT_SCHEME
             options = {"bits": bits, "scheme": scheme,
@@ -235,8 +248,10 @@ class Planner:
                 target = f"accuracy of {bits:g}-bit"
         if rounding is not None:
             options["rounding"] = rounding
-        widths = [b for b in options["bits"].values() if b is not None]
-        span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no weights"
+        widths = [b for b in options["bits"].values() if b is not None and b != HALF_BITS]
+        span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no codes"
+        halves = sum(b == HALF_BITS for b in options["bits"].values())
+        span += f", {halves} float16" if halves else ""
         grids = ", ".join(sorted(set(options["scheme"].values()))) or "-"
         basis = "the model's output error" if self.model is not None else "weight error"
         how = (f"{target}: {span} ({grids}), {_rounding_words(options['rounding'])}, "
@@ -253,7 +268,7 @@ class Planner:
             lambda: Allocator(
                 self.state,
                 evaluate=evaluate,
-                check=evaluate.mean_abs if evaluate is not None else None,
+                check=evaluate.example_errors if evaluate is not None else None,
                 stats=stats,
                 sensitivity=sensitivity if stats else {},
                 raw=set(raw),

@@ -13,7 +13,7 @@ from qpack.schemes import code_bits, levels_for, quantize
 def _state(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        "a.weight": (0.05 * rng.standard_t(4, size=(32, 16, 3, 3))).astype(np.float32),
+        "a.weight": (0.05 * rng.standard_t(4, size=(32, 32, 3, 3))).astype(np.float32),
         "a.bias": rng.normal(size=32).astype(np.float32),
         "b.weight": (0.2 * rng.standard_t(4, size=(64, 32, 3, 3))).astype(np.float32),
         "steps": np.array(3, dtype=np.int64),
@@ -47,6 +47,25 @@ def test_allocate_bits_is_smaller_and_at_least_as_accurate(tmp_path, bits):
     np.testing.assert_array_equal(
         qpack.load_numpy(tmp_path / "plan.qpk")["a.bias"], state["a.bias"]
     )
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_rows_of_no_whole_blocks_are_held_to_binary16(bits):
+    # a GGUF file keeps such tensors in F16: up to 5 bits that is the reference
+    rng = np.random.default_rng(3)
+    state = {
+        "odd.weight": (0.05 * rng.standard_t(4, size=(32, 16, 3, 3))).astype(np.float32),
+        "even.weight": (0.05 * rng.standard_t(4, size=(32, 32, 3, 3))).astype(np.float32),
+    }
+    plan = qpack.allocate(state, bits=bits)
+    assert plan["bits"]["odd.weight"] == 16 and "odd.weight" not in plan["scheme"]
+    assert plan["bits"]["even.weight"] <= 8
+    out = qpack.decode(qpack.encode(state, **plan))
+    half = state["odd.weight"].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out["odd.weight"], half)
+    # from 6 bits on the reference is N-bit per channel (per-layer int8 at 8), which codes meet
+    for wide in (6, 8):
+        assert qpack.allocate(state, bits=wide)["bits"]["odd.weight"] <= 8
 
 
 def test_allocate_max_size_never_exceeds_the_budget(tmp_path):
@@ -92,10 +111,11 @@ def test_fractional_widths_use_round_2_pow_bits_levels():
         assert levels == round(2**bits)
         q = quantize(w, bits, "asymmetric-per-channel")
         assert q.bits == code_bits(levels) and int(q.codes.max()) < levels
-    out = qpack.decode(qpack.encode({"w": w}, bits=4.5))["w"]
-    assert (
-        np.abs(out - w).max() < np.abs(qpack.decode(qpack.encode({"w": w}, bits=4))["w"] - w).max()
-    )
+
+    def decoded(bits: float) -> np.ndarray:
+        return qpack.decode(qpack.encode({"w": w}, bits=bits, scheme="asymmetric-per-channel"))["w"]
+
+    assert np.abs(decoded(4.5) - w).max() < np.abs(decoded(4) - w).max()
 
 
 def test_asymmetric_per_layer_and_mse_per_channel():

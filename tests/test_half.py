@@ -109,3 +109,45 @@ def test_cli_inspect_shows_half(tmp_path):
     assert "format 1.4" in out
     row = next(line for line in out.splitlines() if line.startswith("w "))
     assert " half " in row and " 16 " in row and "16.00" in row
+
+
+def test_cli_pack_bits_16_stores_float16_values(tmp_path):
+    weights = {"w": torch.randn(16, 40), "b": torch.randn(16)}
+    torch.save(weights, tmp_path / "m.pt")
+    out = tmp_path / "m.qpk"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qpack",
+            "pack",
+            str(tmp_path / "m.pt"),
+            "-o",
+            str(out),
+            "--bits",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "float16 values" in run.stdout
+    loaded = qpack.load(out)
+    assert torch.equal(loaded["w"], weights["w"].half().float())
+    assert torch.equal(loaded["b"], weights["b"])
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qpack",
+            "pack",
+            str(tmp_path / "m.pt"),
+            "-o",
+            str(tmp_path / "x.qpk"),
+            "--bits",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "or 16" in bad.stderr and "Traceback" not in bad.stderr

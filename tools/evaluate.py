@@ -901,25 +901,22 @@ def model_checks(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     def check(what: str, ok: bool) -> None:
         out.append(f"{'PASS' if ok else 'MISS'} {rows[0]['model']}: {what}")
 
-    q8, i8 = by["qpack --bits 8"], by["int8 per-layer"]
-    check(f"--bits 8 {q8['bytes'] / i8['bytes']:.2f}x int8's size (<= 0.75x), error "
-          f"{q8['mean_abs_dp'] / max(i8['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
-          q8["bytes"] <= 0.75 * i8["bytes"] and q8["mean_abs_dp"] <= i8["mean_abs_dp"])
-    q4, i4 = by["qpack --bits 4"], by["int4 per-layer"]
-    check(f"--bits 4 {q4['bytes'] / i4['bytes']:.2f}x int4 per-layer's size (< 1x), error "
-          f"{q4['mean_abs_dp'] / max(i4['mean_abs_dp'], 1e-12):.2f}x (<= 0.5x)",
-          q4["bytes"] < i4["bytes"] and q4["mean_abs_dp"] <= 0.5 * i4["mean_abs_dp"])
-    if "gguf Q4_0" in by:
-        g = by["gguf Q4_0"]
-        check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x Q4_0's bytes (< 1x), error "
-              f"{q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x (<= 1x)",
-              q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
-    if "gguf Q4_0, blocks on every tensor" in by:  # GGUF kept some tensors float16
-        g = by["gguf Q4_0, blocks on every tensor"]
-        check(f"--bits 4 {q4['bytes'] / g['bytes']:.2f}x the bytes of Q4_0's blocks on every "
-              f"tensor (< 1x), error {q4['mean_abs_dp'] / max(g['mean_abs_dp'], 1e-12):.2f}x "
-              "(<= 1x)",
-              q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
+    def ratio(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> float:
+        return a[key] / max(b[key], 1e-12)
+
+    i8, i4, g = by["int8 per-layer"], by["int4 per-layer"], by.get("gguf Q4_0")
+    for how in ("", ", no model"):  # with the model and its calibration data, and without
+        q8, q4 = by[f"qpack --bits 8{how}"], by[f"qpack --bits 4{how}"]
+        check(f"--bits 8{how} {ratio(q8, i8, 'bytes'):.2f}x int8's size (<= 0.75x), error "
+              f"{ratio(q8, i8, 'mean_abs_dp'):.2f}x (<= 1x)",
+              q8["bytes"] <= 0.75 * i8["bytes"] and q8["mean_abs_dp"] <= i8["mean_abs_dp"])
+        check(f"--bits 4{how} {ratio(q4, i4, 'bytes'):.2f}x int4 per-layer's size (< 1x), "
+              f"error {ratio(q4, i4, 'mean_abs_dp'):.2f}x (<= 0.5x)",
+              q4["bytes"] < i4["bytes"] and q4["mean_abs_dp"] <= 0.5 * i4["mean_abs_dp"])
+        if g is not None:
+            check(f"--bits 4{how} {ratio(q4, g, 'bytes'):.2f}x Q4_0's bytes (< 1x), error "
+                  f"{ratio(q4, g, 'mean_abs_dp'):.2f}x (<= 1x)",
+                  q4["bytes"] < g["bytes"] and q4["mean_abs_dp"] <= g["mean_abs_dp"])
     curve = sorted((r["bytes"], r["mean_abs_dp"]) for r in rows
                    if re.fullmatch(r"qpack --bits \d", r["setting"]))
     alone = [(r["bytes"], r["mean_abs_dp"]) for r in rows

@@ -18,6 +18,7 @@ from .. import errors as E
 from ..atomic import check_output
 from ..checkpoint import read_checkpoint
 from ..dtypes import is_tensor
+from ..plan import HALF_BITS
 from ..schemes import DEFAULT_SCHEME, SCHEMES
 from ._common import (
     UsageError,
@@ -50,12 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output(p, "output .qpk file")
     p.add_argument(
         "--bits",
-        type=width_arg,
+        type=_bits_arg,
         default=None,
-        metavar="{1..8}",
+        metavar="{1..8,16}",
         help="the accuracy of N-bit quantization in the smallest file qpack can make "
         "(default 8); with --uniform, --scheme or --no-entropy exactly N bits everywhere; "
-        "fractional widths (3.5) mean round(2**N) levels",
+        "fractional widths (3.5) mean round(2**N) levels; 16 stores every weight as its "
+        "float16 value",
     )
     p.add_argument(
         "--keep-raw",
@@ -129,6 +131,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "wherever the model's calibration reaches a layer, else 'nearest')",
     )
     p.set_defaults(func=run)
+
+
+def _bits_arg(text: str) -> float:
+    """--bits: a width (:func:`width_arg`), or 16 for float16 values."""
+    if text.strip() == str(HALF_BITS):
+        return HALF_BITS
+    try:
+        return width_arg(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be a number from 1 to 8, or 16 (float16), got {text!r}"
+        ) from None
 
 
 def _metadata_arg(text: str) -> tuple[str, str]:
