@@ -100,54 +100,27 @@ def test_files_without_half_keep_their_minor_version(tmp_path):
 def test_cli_inspect_shows_half(tmp_path):
     path = tmp_path / "m.qpk"
     qpack.save({"w": torch.randn(8, 8)}, path, bits={"w": 16})
-    out = subprocess.run(
-        [sys.executable, "-m", "qpack", "inspect", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = _qpack("inspect", path).stdout
     assert "format 1.4" in out
     row = next(line for line in out.splitlines() if line.startswith("w "))
     assert " half " in row and " 16 " in row and "16.00" in row
+
+
+def _qpack(*args) -> subprocess.CompletedProcess:
+    """The command line as a user runs it."""
+    command = [sys.executable, "-m", "qpack", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_cli_pack_bits_16_stores_float16_values(tmp_path):
     weights = {"w": torch.randn(16, 40), "b": torch.randn(16)}
     torch.save(weights, tmp_path / "m.pt")
     out = tmp_path / "m.qpk"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qpack",
-            "pack",
-            str(tmp_path / "m.pt"),
-            "-o",
-            str(out),
-            "--bits",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = _qpack("pack", tmp_path / "m.pt", "-o", out, "--bits", "16")
     assert run.returncode == 0, run.stderr
     assert "float16 values" in run.stdout
     loaded = qpack.load(out)
     assert torch.equal(loaded["w"], weights["w"].half().float())
     assert torch.equal(loaded["b"], weights["b"])
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qpack",
-            "pack",
-            str(tmp_path / "m.pt"),
-            "-o",
-            str(tmp_path / "x.qpk"),
-            "--bits",
-            "12",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = _qpack("pack", tmp_path / "m.pt", "-o", tmp_path / "x.qpk", "--bits", "12")
     assert bad.returncode == 2 and "or 16" in bad.stderr and "Traceback" not in bad.stderr
