@@ -24,6 +24,7 @@ from .. import errors as E
 from .._threads import cpu_count
 from ..api import load, pack
 from ..checkpoint import read_checkpoint
+from ..plan import HALF_BITS
 from ..planner import Planner
 from ..schemes import DEFAULT_SCHEME, check_scheme, parse_scheme
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
@@ -237,18 +238,17 @@ def _settings(bits: int, scheme: str | None, origin: bool, planner: Planner | No
     else:
         planned = planner.plan(bits=bits, scheme=scheme)
         plan = planned.options
-        widths = [b for b in plan["bits"].values() if b is not None]
+        stored = [b for b in plan["bits"].values() if b is not None]
+        widths = [b for b in stored if b != HALF_BITS]
         schemes = plan["scheme"]
         if isinstance(schemes, str):
             schemes = dict.fromkeys(widths, schemes)
         finer = [parse_scheme(s)[0].rsplit("-", 1)[-1] for s in schemes.values()]
-        grids = ", ".join(
-            f"{finer.count(kind)} per-{kind}" for kind in ("channel", "group") if kind in finer
-        )
-        how = (
-            f"Huffman, {min(widths):g}-{max(widths):g} bits, "
-            f"{len(widths)} layers ({grids or 'all per-layer'}), GPTQ"
-        )
+        kinds = [f"{finer.count(k)} per-{k}" for k in ("channel", "group") if k in finer]
+        if len(widths) < len(stored):
+            kinds.append(f"{len(stored) - len(widths)} float16")
+        span = f"{min(widths):g}-{max(widths):g} bits" if widths else "float16"
+        how = f"Huffman, {span}, {len(stored)} layers ({', '.join(kinds) or 'all per-layer'}), GPTQ"
         yield "qpack", how, {"planned": planned, "entropy": True}
 
 
