@@ -326,8 +326,8 @@ class Allocator:
         return self._plan(chosen)
 
     def _dominant(self, bits: float) -> dict[str, Option]:
-        """Per tensor, the smallest option whose weight error is at most that of the
-        reference; the reference itself where no option is as accurate. Tensors are
+        """Per tensor, the smallest option whose weight error is at most that of the more
+        accurate reference; that reference itself where no option is as accurate. Tensors are
         searched on threads, each without measuring every option (see _smallest_option)."""
 
         def one(target) -> Option | None:
