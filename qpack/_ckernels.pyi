@@ -17,6 +17,8 @@ def dequantize(
     out: np.ndarray,
     row: int = ...,
     run: int = ...,
+    first: int = ...,
+    last: int = ...,
 ) -> None: ...
 def histogram(data: Buffer, counts: np.ndarray) -> None: ...
 def huffman_decode(data: Buffer, lengths: np.ndarray, count: int, out: np.ndarray) -> int: ...
@@ -28,6 +30,8 @@ def huffman_decode_chunks(
     starts: np.ndarray,
     out: np.ndarray,
     lanes: int,
+    first: int = ...,
+    last: int = ...,
 ) -> int: ...
 def huffman_dequantize(
     data: Buffer,
@@ -36,10 +40,12 @@ def huffman_dequantize(
     scale: np.ndarray,
     zero: np.ndarray,
     out: np.ndarray,
-    row: int,
-    run: int,
     chunk: int = ...,
     starts: np.ndarray | None = ...,
+    row: int = ...,
+    run: int = ...,
+    first: int = ...,
+    last: int = ...,
 ) -> int: ...
 def huffman_encode(
     symbols: np.ndarray,

@@ -4,7 +4,8 @@ on the way: padding bits, Huffman stream bounds, values that overflow float32.
 :func:`decode_payload` picks the route: the compiled kernels where built (codes straight
 from the payload to float32), else numpy (unpack or Huffman-decode the codes, then
 dequantize). Both give the same bits. Reading the bytes and checking their CRC is the
-reader's part (:mod:`qpack.reader`).
+reader's part (:mod:`qpack.reader`), and so is splitting a Huffman stream with a chunk
+index into ranges decoded on several threads (:func:`split_ranges`, :func:`decode_range`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import numpy as np
 
@@ -31,8 +33,11 @@ __all__ = [
     "decode_codes",
     "decode_codes_values",
     "decode_payload",
+    "decode_range",
+    "range_symbols",
     "scratch",
     "scratch_scope",
+    "split_ranges",
 ]
 
 Dequantizer = Callable[[TensorEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
@@ -168,7 +173,7 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
     if entry.storage == PACKED:
         check_packed_padding(entry, data, path)
         dequantize_stream(data, entry.bits, 0, entry.numel, scale, zero, out, row=row, run=run)
-    elif entry.group == 1 and not (entry.chunk and lanes_pay(entry.length, entry.numel)):
+    elif _fused(entry):
         # a symbol is a code: straight to its value (checking any chunk index on the way)
         lengths, chunk, starts = entry.code_lengths, entry.chunk, entry.chunk_starts
         _huffman_stream(
@@ -187,6 +192,73 @@ def _native_values(entry: TensorEntry, data, path, out: np.ndarray | None) -> np
             symbols, entry.bits, entry.group, entry.numel, scale, zero, out, row=row, run=run
         )
     return out.reshape(entry.shape)
+
+
+def _fused(entry: TensorEntry) -> bool:
+    """Whether the compiled route decodes a Huffman stream straight to values (a symbol is
+    one code, and four-lane decoding of the chunks does not pay), else through a buffer
+    of symbols."""
+    return entry.group == 1 and not (entry.chunk and lanes_pay(entry.length, entry.numel))
+
+
+def split_ranges(entry: TensorEntry, pieces: int) -> list[tuple[int, int]]:
+    """Up to ``pieces`` ranges ``[first, last)`` of a tensor's symbols, whole chunks of its
+    chunk index of about equal size, that :func:`decode_range` decodes independently (on
+    several threads); one range, the whole tensor, where the tensor cannot split: no
+    Huffman stream with two chunks or more, or no compiled kernels (the numpy route
+    decodes a stream through zlib, which starts at a byte, not at a chunk's bit)."""
+    huffman = entry.storage == HUFFMAN
+    count = -(-entry.numel // entry.group) if huffman else entry.numel
+    chunks = -(-count // entry.chunk) if huffman and entry.chunk and kernels.native else 1
+    pieces = min(pieces, chunks)
+    if pieces < 2:
+        return [(0, count)]
+    bounds = [k * chunks // pieces * entry.chunk for k in range(pieces)] + [count]
+    return list(pairwise(bounds))
+
+
+def range_symbols(entry: TensorEntry) -> np.ndarray | None:
+    """The buffer of symbols that the ranges of a split tensor share (each decodes into
+    its own part), or None where its symbols go straight to values."""
+    return None if _fused(entry) else np.empty(-(-entry.numel // entry.group), dtype=np.uint8)
+
+
+def decode_range(
+    entry: TensorEntry,
+    data,
+    path,
+    out: np.ndarray,
+    symbols: np.ndarray | None,
+    first: int,
+    last: int,
+) -> None:
+    """Decode symbols ``[first, last)`` of a Huffman-coded tensor, a range from
+    :func:`split_ranges`, to their codes' values in ``out`` (the whole tensor's flat
+    float32 output) by the compiled kernels, through ``symbols`` (from
+    :func:`range_symbols`). The checks are those of the whole stream's decoding that fall
+    in the range: its chunks begin where the index says, the one after its end included;
+    the range that ends the stream makes the end checks. So the first range in order that
+    fails fails as the whole decoding would, and all pass only where it would. The caller
+    checks the scale first (:func:`check_decodes_finite`), as :func:`decode_payload`."""
+    native, count, group = kernels.native, -(-entry.numel // entry.group), entry.group
+    lengths = np.ascontiguousarray(entry.code_lengths, dtype=np.uint8)
+    scale = np.ascontiguousarray(entry.scale, dtype=np.float32)
+    zero = np.ascontiguousarray(entry.zero_point, dtype=np.float32)
+    row, run = entry.runs
+    index = (entry.chunk, entry.chunk_starts)
+    if symbols is None:  # straight to values
+        decode = native.huffman_dequantize
+        args = (data, lengths, count, scale, zero, out, *index, row, run, first, last)
+    else:
+        decode = native.huffman_decode_chunks
+        args = (data, lengths, count, *index, symbols, lanes_pay(entry.length, count), first, last)
+    _huffman_stream(entry, data, path, lambda _: (None, decode(*args)), ends=last == count)
+    if symbols is None:
+        return
+    if last == count:
+        _check_last_symbol(entry, symbols, path)
+    codes = (first * group, min(last * group, entry.numel))
+    native.dequantize(symbols, entry.bits, group, entry.numel, scale, zero, out, row, run, *codes)
 
 
 def _huffman_codes(entry: TensorEntry, data: bytes, path) -> np.ndarray:
@@ -270,18 +342,25 @@ def _huffman_symbols(entry: TensorEntry, data: bytes, path, out=None) -> np.ndar
             data, entry.code_lengths, count, out, entry.chunk, entry.chunk_starts
         ),
     )
+    _check_last_symbol(entry, symbols, path)
+    return symbols
+
+
+def _check_last_symbol(entry: TensorEntry, symbols: np.ndarray, path) -> None:
+    """Reject a last symbol whose codes past the end of the tensor are not zero."""
     filled = entry.numel % entry.group  # codes of the last symbol that belong to the tensor
     if filled and int(symbols[-1]) >> (filled * entry.bits):
         raise E.DataError(
             "codes padding the last symbol are not zero", path=path, tensor=entry.name
         )
-    return symbols
 
 
-def _huffman_stream(entry: TensorEntry, data: bytes, path, decode):
+def _huffman_stream(entry: TensorEntry, data: bytes, path, decode, ends: bool = True):
     """``decode(count)`` -> (result, used bits) of a Huffman-coded tensor's symbols, then
     the checks on the stream: it fills its bytes exactly and the padding bits after it
-    are zero. Returns the result; decoding errors become DataError."""
+    are zero (not with ``ends`` False: a range of chunks before the stream's end, which
+    the kernel checked ends where the next chunk begins). Returns the result; decoding
+    errors become DataError."""
     count = -(-entry.numel // entry.group)
     try:
         result, used = decode(count)
@@ -291,6 +370,8 @@ def _huffman_stream(entry: TensorEntry, data: bytes, path, decode):
             path=path,
             tensor=entry.name,
         ) from None
+    if not ends:
+        return result
     if -(-used // 8) != entry.length:
         raise E.DataError(
             f"Huffman stream of {used} bits does not fill its {entry.length} bytes",

@@ -6,7 +6,9 @@ others' bytes; :func:`decode` and :func:`load_numpy` are the numpy-only whole-fi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,10 +33,14 @@ from .container import (
 )
 from .decoder import (
     Dequantizer,
+    check_decodes_finite,
     decode_codes,
     decode_payload,
+    decode_range,
+    range_symbols,
     scratch,
     scratch_scope,
+    split_ranges,
 )
 from .dtypes import bf16_to_f32
 from .entropy import entropy_bits
@@ -42,6 +48,12 @@ from .entropy import entropy_bits
 __all__ = ["Reader", "decode", "describe", "load_numpy"]
 
 THREADS_MIN_CODES = 1 << 22  # weights decoded without the GIL from which decoding uses threads
+# A load splits a Huffman stream into ranges of whole chunks decoded on several threads
+# (spec 5.2's chunk index; see Reader._pieces), but into no range of fewer symbols than
+# this: each range costs a job and the decoder's tables, about 35 us on 2 threads (8.4M
+# 8-bit symbols in 2 ranges: 7.7 ms, in 32: 8.7, in 128: 12.1), and 2^19 symbols take
+# about 0.6 ms to decode.
+SPLIT_MIN = 1 << 19
 
 
 def _preadv(fd: int, view: memoryview, offset: int) -> int:
@@ -190,7 +202,8 @@ class Reader:
         def decode(entry: TensorEntry, gap: int, out: np.ndarray | None = None) -> np.ndarray:
             return self._decode(entry, gap, out, dequant)
 
-        return self._in_order(decode, workers, alloc, ahead)
+        workers = workers or self.default_workers()
+        return self._in_order(decode, workers, alloc, ahead, self._pieces(workers))
 
     def payloads(
         self, workers: int | None = None, then: Callable[[TensorEntry, bytes], Any] | None = None
@@ -202,31 +215,64 @@ class Reader:
             return self._in_order(self._checked, workers)
         return self._in_order(lambda e, gap: then(e, self._checked(e, gap)), workers)
 
+    def _pieces(self, workers: int) -> dict[str, int]:
+        """Into how many ranges each tensor that splits decodes on ``workers`` threads. A
+        load's work is balanced by bytes, not by tensors: a Huffman stream with a chunk
+        index of more than half a thread's share of the load splits into ranges of at most
+        that (the threads, each taking the next job, largest first, then finish within
+        about half a share of each other), of at least :data:`SPLIT_MIN` symbols."""
+        if workers < 2:
+            return {}
+        share = sum(map(_work, self.header.tensors)) / (2 * workers)
+        return {
+            e.name: min(math.ceil(_work(e) / share), -(-e.numel // e.group) // SPLIT_MIN)
+            for e in self.header.tensors
+            if e.storage == HUFFMAN and e.chunk and _work(e) > share
+        }
+
     def _in_order(
         self,
         fn,
         workers: int | None,
         alloc: Callable[[TensorEntry], np.ndarray] | None = None,
         ahead: int | None = None,
+        pieces: dict[str, int] | None = None,
     ) -> Iterator[tuple[TensorEntry, object]]:
         """``fn(entry, gap)`` (or ``fn(entry, gap, alloc(entry))``) for every tensor, in
         file order, on ``workers`` threads; ``gap`` is where the bytes before it begin.
         ``alloc`` runs on the calling thread, as the jobs are handed out: memory freed by
-        this thread is reused, where each worker's allocator would take fresh pages."""
+        this thread is reused, where each worker's allocator would take fresh pages. A
+        tensor named in ``pieces`` (where ``fn`` decodes) decodes instead in up to that
+        many ranges, on several threads (:class:`_Split`)."""
         header = self.header
         workers = workers or self.default_workers()
         self._check_zero(PREAMBLE_SIZE + header.header_len, header.data_start)
         ends = [0] + [e.offset + e.length for e in header.tensors]
-        jobs = zip(header.tensors, ends)  # noqa: B905 (ends has one more: the data's end)
-        if alloc is not None:
-            jobs = ((entry, gap, alloc(entry)) for entry, gap in jobs)
-        # a whole load holds every tensor anyway: the largest are decoded first, so that one
-        # big tensor does not keep one thread busy after the others have finished
+        pieces = pieces or {}
+
+        def jobs() -> Iterator[tuple[float, Callable, tuple]]:
+            """(work, function, arguments) of every tensor in turn: one job, or a split
+            tensor's read and then its ranges."""
+            for entry, gap in zip(header.tensors, ends):  # noqa: B905 (ends: one more)
+                args = (entry, gap) if alloc is None else (entry, gap, alloc(entry))
+                ranges = split_ranges(entry, pieces.get(entry.name, 1))
+                if len(ranges) == 1:
+                    yield _work(entry), fn, args
+                    continue
+                split = _Split(self, entry, gap, None if alloc is None else args[2], ranges)
+                yield math.inf, split.read, ()  # before its ranges, whatever their work
+                for first, last in ranges:
+                    part = (last - first) / ranges[-1][1]
+                    yield part * _work(entry), split.decode, (first, last)
+
+        # a whole load holds every tensor anyway: the largest jobs go first, so that one big
+        # job does not keep one thread busy after the others have finished
         whole = ahead is not None and ahead >= len(header.tensors)
-        cost = (lambda job: 4 * job[0].numel + job[0].length) if whole else None
+        cost = (lambda job: job[0]) if whole else None
         with scratch_scope(), self._whole_file():
-            done = ordered_map(lambda job: fn(*job), jobs, workers, ahead, cost)
-            yield from zip(header.tensors, done)  # noqa: B905
+            done = ordered_map(lambda job: job[1](*job[2]), jobs(), workers, ahead, cost)
+            results = (result for result in done if result is not _PART)
+            yield from zip(header.tensors, results)  # noqa: B905
 
     @contextlib.contextmanager
     def _whole_file(self) -> Iterator[None]:
@@ -275,6 +321,61 @@ class Reader:
             raise E.DataError(
                 f"alignment padding at bytes [{start}, {stop}) is not zero", path=self.path
             )
+
+
+def _work(entry: TensorEntry) -> int:
+    """A tensor's decoding work, in bytes: those it writes (4 a value) and reads."""
+    return 4 * entry.numel + entry.length
+
+
+_PART = object()  # the result of a split tensor's jobs but its last range
+
+
+class _Split:
+    """A Huffman-coded tensor decoded in ranges of whole chunks on several threads (see
+    :func:`~qpack.decoder.split_ranges`): :meth:`read` reads and checks its bytes (the
+    alignment bytes before them, their CRC, the scale), then each :meth:`decode` decodes
+    one range into its part of the one output array. The pool starts jobs in the order
+    they are handed out, the read first, so a range waits only on a read that a thread
+    has already started (no deadlock). Results come out in that order too, so do errors:
+    the read's, then the first failing range's, which is what a decoder of the whole
+    tensor raises (:func:`~qpack.decoder.decode_range`)."""
+
+    def __init__(self, reader: Reader, entry: TensorEntry, gap: int, out, ranges: list):
+        self.reader, self.entry, self.gap, self.out = reader, entry, gap, out
+        self.data = self.symbols = None
+        self.last = ranges[-1]
+        self.left = len(ranges)  # ranges not yet decoded: the last one frees the buffers
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def read(self) -> object:
+        entry = self.entry
+        try:
+            # buffers of the tensor's own, not of a thread's scratch: every range reads them
+            data = self.reader._checked(entry, self.gap, np.empty(entry.length, np.uint8))
+            check_decodes_finite(entry, self.reader.path)
+            if self.out is None:
+                self.out = np.empty(entry.numel, dtype=np.float32)
+            self.symbols = range_symbols(entry)
+            self.data = data
+        finally:
+            self.ready.set()  # even on an error: the ranges must not wait forever
+        return _PART
+
+    def decode(self, first: int, last: int) -> object:
+        self.ready.wait()
+        try:
+            if self.data is None:  # the read failed, and its error comes out first
+                return _PART
+            entry = self.entry
+            decode_range(entry, self.data, self.reader.path, self.out, self.symbols, first, last)
+            return self.out.reshape(entry.shape) if (first, last) == self.last else _PART
+        finally:
+            with self.lock:
+                self.left -= 1
+                if not self.left:
+                    self.data = self.symbols = None
 
 
 def decode(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
