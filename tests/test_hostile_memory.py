@@ -15,6 +15,9 @@ import pytest
 
 import qpack
 from qpack import container as C
+from qpack import kernels
+from qpack.decoder import split_ranges
+from qpack.reader import Reader
 
 PROBE = r"""
 import os, sys
@@ -22,6 +25,10 @@ import qpack, qpack.numpy
 from qpack.reader import Reader
 
 path, tiny, how = sys.argv[1:4]
+if len(sys.argv) > 4:  # this many decoding threads, whatever the machine has: a split load
+    import qpack.reader
+
+    qpack.reader.cpu_count = lambda: int(sys.argv[4])
 
 
 def status(field):
@@ -60,10 +67,12 @@ needs_proc = pytest.mark.skipif(
 READ_PATHS = ["load", "load_numpy", "open", "inspect", "verify"]
 
 
-def peak_ratio(path: Path, tiny: Path, how: str) -> float:
-    """The peak memory of read path ``how`` on ``path``, per byte of the file (PROBE)."""
+def peak_ratio(path: Path, tiny: Path, how: str, threads: int | None = None) -> float:
+    """The peak memory of read path ``how`` on ``path``, per byte of the file (PROBE), with
+    ``threads`` decoding threads if given."""
+    extra = [] if threads is None else [str(threads)]
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(path), str(tiny), how],
+        [sys.executable, "-c", PROBE, str(path), str(tiny), how, *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -92,6 +101,19 @@ def test_peak_memory_of_every_read_path(bomb, how):
     # torch's loaders restore float64 (8 bytes a value); numpy's give float32
     bound = 512 if dtype == "float64" and how in ("load", "open") else 256
     assert ratio <= bound, f"{how}: {ratio:.0f} bytes of memory per file byte"
+
+
+@needs_proc
+@pytest.mark.skipif(kernels.native is None, reason="only the compiled kernels split a stream")
+@pytest.mark.parametrize("how", ["load", "load_numpy"])
+def test_a_stream_split_over_threads_stays_within_the_bound(bomb, how):
+    """The bomb's one stream decoded in ranges on 4 threads: the ranges share the tensor's
+    buffers, so the bound holds as it does for one thread."""
+    path, tiny, dtype = bomb
+    with Reader(path) as reader:
+        assert len(split_ranges(reader.header.tensors[0], reader._pieces(4)["w"])) > 1
+    bound = 512 if dtype == "float64" and how == "load" else 256
+    assert peak_ratio(path, tiny, how, threads=4) <= bound
 
 
 @pytest.fixture(scope="module", params=["empty_maps", "empty_tensors"])
