@@ -307,8 +307,9 @@ class Allocator:
             for rule in _references(bits):
                 plan = {t[0]: rule(t[1]) for t in self._targets}
                 plan = {t[0]: plan[t[0]] for t in self._targets if _storable(t, plan[t[0]])}
-                if self.joint(plan, plain=True) < target:
-                    reference, target = plan, self.joint(plan, plain=True)
+                error = self.joint(plan, plain=True)
+                if error < target:
+                    reference, target = plan, error
 
             def ok(chosen: Mapping[str, Option]) -> bool:
                 return self._within(chosen, reference)
@@ -334,12 +335,13 @@ class Allocator:
             values = _finite(target)  # a tensor that is not finite is refused, not kept
             energy = _energy(values)
             option, least = None, math.inf
-            for reference in _references(bits):
-                q = _quantized(target, reference(target[1]))
+            for rule in _references(bits):
+                reference = rule(target[1])
+                q = _quantized(target, reference)
                 if q is not None:
                     error = _channel_error(q.values().reshape(values.shape), values, energy)
                     if error < least:
-                        option, least = reference(target[1]), error
+                        option, least = reference, error
             if option is None:
                 return None  # the references keep it exact: so does the plan
             mine = _fitting(self._options, target[1])

@@ -95,19 +95,14 @@ def decode_payload(
     out)``, if given, does the last step instead of :func:`decode_codes_values`: the same
     values by other means (e.g. torch's multithreaded kernels); the compiled kernels, where
     built, take its place: they read the codes straight from the payload."""
-    if entry.storage == RAW:
+    if entry.storage in (RAW, HALF):  # the stored elements, or binary16 widened exactly
         check_raw(entry, data, path)
-        stored = np.frombuffer(data, dtype=NUMPY_DTYPES[entry.dtype])
+        half = entry.storage == HALF
+        stored = np.frombuffer(data, dtype="<f2" if half else NUMPY_DTYPES[entry.dtype])
         if out is None:
-            out = stored.astype(stored.dtype.newbyteorder("="))
+            out = stored.astype(np.float32 if half else stored.dtype.newbyteorder("="))
         else:
             out[...] = stored
-        return out.reshape(entry.shape)
-    if entry.storage == HALF:  # binary16 widened exactly (spec section 6.4)
-        stored = np.frombuffer(data, dtype="<f2")
-        if out is None:
-            return stored.astype(np.float32).reshape(entry.shape)
-        out[...] = stored
         return out.reshape(entry.shape)
     check_decodes_finite(entry, path)
     if kernels.native is not None:

@@ -48,6 +48,6 @@ def check_within_step(orig: np.ndarray, out: np.ndarray, bits: int, scheme: str)
         raise AssertionError(scheme)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def within_step():
     return check_within_step
