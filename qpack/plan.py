@@ -28,6 +28,7 @@ __all__ = [
     "Plan",
     "TensorPlan",
     "resolve",
+    "widths",
 ]
 
 DEFAULT_BITS = 8
@@ -70,6 +71,13 @@ class Plan:
             "scheme": {n: t.scheme for n, t in self.tensors.items() if t.bits is not None},
             "rounding": {n: t.rounding for n, t in self.tensors.items() if t.bits is not None},
         }
+
+
+def widths(bits: Mapping[str, float | None]) -> tuple[list[float], int]:
+    """A plan's code widths (tensors kept raw left out) and how many tensors it stores as
+    float16 values."""
+    stored = [b for b in bits.values() if b is not None]
+    return [b for b in stored if b != HALF_BITS], sum(b == HALF_BITS for b in stored)
 
 
 def default_bits(array: np.ndarray, dtype: str, bits: float | None) -> float | None:

@@ -33,6 +33,7 @@ from .plan import (
     Plan,
     default_bits,
     resolve,
+    widths,
 )
 from .quantize import Rounder, gptq_rounder
 from .schemes import DEFAULT_SCHEME, levels_for
@@ -248,9 +249,8 @@ class Planner:
                 target = f"accuracy of {bits:g}-bit"
         if rounding is not None:
             options["rounding"] = rounding
-        widths = [b for b in options["bits"].values() if b is not None and b != HALF_BITS]
-        span = f"{min(widths):g}-{max(widths):g} bits per tensor" if widths else "no codes"
-        halves = sum(b == HALF_BITS for b in options["bits"].values())
+        coded, halves = widths(options["bits"])
+        span = f"{min(coded):g}-{max(coded):g} bits per tensor" if coded else "no codes"
         span += f", {halves} float16" if halves else ""
         grids = ", ".join(sorted(set(options["scheme"].values()))) or "-"
         basis = "the model's output error" if self.model is not None else "weight error"

@@ -24,7 +24,7 @@ from .. import errors as E
 from .._threads import cpu_count
 from ..api import load, pack
 from ..checkpoint import read_checkpoint
-from ..plan import HALF_BITS
+from ..plan import widths
 from ..planner import Planner
 from ..schemes import DEFAULT_SCHEME, check_scheme, parse_scheme
 from .synthetic import CALIBRATION_PATCHES, CALIBRATION_SEED, HELDOUT_SEED, dice_iou, make_patches
@@ -238,17 +238,17 @@ def _settings(bits: int, scheme: str | None, origin: bool, planner: Planner | No
     else:
         planned = planner.plan(bits=bits, scheme=scheme)
         plan = planned.options
-        stored = [b for b in plan["bits"].values() if b is not None]
-        widths = [b for b in stored if b != HALF_BITS]
+        coded, halves = widths(plan["bits"])
         schemes = plan["scheme"]
         if isinstance(schemes, str):
-            schemes = dict.fromkeys(widths, schemes)
+            schemes = dict.fromkeys(coded, schemes)
         finer = [parse_scheme(s)[0].rsplit("-", 1)[-1] for s in schemes.values()]
         kinds = [f"{finer.count(k)} per-{k}" for k in ("channel", "group") if k in finer]
-        if len(widths) < len(stored):
-            kinds.append(f"{len(stored) - len(widths)} float16")
-        span = f"{min(widths):g}-{max(widths):g} bits" if widths else "float16"
-        how = f"Huffman, {span}, {len(stored)} layers ({', '.join(kinds) or 'all per-layer'}), GPTQ"
+        if halves:
+            kinds.append(f"{halves} float16")
+        span = f"{min(coded):g}-{max(coded):g} bits" if coded else "float16"
+        layers = len(coded) + halves
+        how = f"Huffman, {span}, {layers} layers ({', '.join(kinds) or 'all per-layer'}), GPTQ"
         yield "qpack", how, {"planned": planned, "entropy": True}
 
 
