@@ -106,8 +106,12 @@ def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
     if not peak > 0:
         peak = np.float32(1)  # all-zero tensor: every code decodes to 0
-    q = np.clip(np.round(w / peak * half), -half, half - 1)
-    codes = (q + half).astype(np.uint8)
+    q = np.divide(w, peak)  # in place from here: a large tensor is several passes anyway
+    q *= half
+    np.rint(q, out=q)
+    np.clip(q, -half, half - 1, out=q)
+    q += half
+    codes = q.astype(np.uint8)
     return Quantized(
         codes=codes.reshape(-1),
         scale=np.array([peak / half], dtype=np.float32),
@@ -182,13 +186,19 @@ def _affine_rows(rows: np.ndarray, levels: int, half: bool = False):
     rows are never widened to float64 as a whole)."""
     top = levels - 1
     scale, zero = _grid(*_range(rows), top, half)
+    return _affine_codes(rows, scale, zero, top), scale, zero
+
+
+def _affine_codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
+    """:func:`_codes_into` for every row (one grid each), block by block (the rows are never
+    widened to float64 as a whole), or by the compiled kernel in one pass."""
     codes = np.empty(rows.shape, dtype=np.uint8)
     if kernels.native is not None and rows.size:  # the same codes in one pass
         kernels.native.quantize(np.ascontiguousarray(rows), scale, zero, top, codes)
-        return codes, scale, zero
+        return codes
     for r, c in blocks(*rows.shape):
         _codes_into(rows[r, c], scale[r], zero[r], top, codes[r, c])
-    return codes, scale, zero
+    return codes
 
 
 # Fractions of each channel's [min, max] range tried by the clipping search.
@@ -238,10 +248,7 @@ def _symmetric_rows(rows: np.ndarray, levels: int, half: bool = False):
             scale = scale.astype(np.float16).astype(np.float32)
     scale[~(scale != 0)] = np.float32(1)  # all-zero row: any scale decodes to 0
     zero = np.full(rows.shape[0], float(h))
-    codes = np.empty(rows.shape, dtype=np.uint8)
-    for r, c in blocks(*rows.shape):
-        _codes_into(rows[r, c], scale[r], zero[r], levels - 1, codes[r, c])
-    return codes, scale, zero
+    return _affine_codes(rows, scale, zero, levels - 1), scale, zero
 
 
 def _per_tensor(w: np.ndarray, levels: int, fn: RowQuantizer) -> Quantized:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qpack
 from qpack.budget import Allocator, parse_size
@@ -223,3 +227,79 @@ def test_per_group_grids_are_taken_where_they_win(tmp_path):
     qpack.save(state, tmp_path / "g.qpk", **plan)
     qpack.save(state, tmp_path / "c.qpk", **channel_only)
     assert (tmp_path / "g.qpk").stat().st_size < (tmp_path / "c.qpk").stat().st_size
+
+
+@given(st.integers(1, 20), st.data())
+def test_first_passing_finds_the_first_index_that_passes_from_any_start(count, data):
+    """The search returns the first index of a predicate that fails then holds (None when
+    it never holds), whatever the start, trying each index at most once; started right
+    at the answer it tries two."""
+    from qpack.budget import _first_passing
+
+    first = data.draw(st.integers(0, count), label="first")  # count: none passes
+    start = data.draw(st.integers(0, count - 1), label="start")
+    tried = []
+
+    def passes(i: int) -> bool:
+        assert 0 <= i < count
+        tried.append(i)
+        return i >= first
+
+    assert _first_passing(count, start, passes) == (first if first < count else None)
+    assert len(tried) == len(set(tried))
+    if start == first:
+        assert len(tried) <= 2
+
+
+def _tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((24, 96)) * np.exp(rng.normal(0, 1, size=(24, 1)))
+    rows[3] = 0  # a zero channel
+    rows[5] = 0.25  # a constant one
+    return {
+        "normal": rng.standard_normal((32, 64)).astype(np.float32),
+        "heavy": rng.standard_t(2, size=(16, 256)).astype(np.float32),
+        "channels": rows.astype(np.float32),
+        "on a grid": (np.round(rng.standard_normal((16, 64)) * 8) / 8).astype(np.float32),
+        "short rows": rng.laplace(size=(40, 48)).astype(np.float32),
+        "vector": rng.standard_normal(300).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tensors()))
+def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, monkeypatch):
+    """For every grid, the search from the predicted width returns what trying every width
+    returns (the narrowest within the limit), at limits between each pair of widths, in
+    fewer quantizations than a bisection of the widths."""
+    import qpack.budget as B
+
+    w = _tensors()[name]
+    target = (name, w, "float32")
+    reference, energy = B._finite(target), B._energy(w)
+    quantizations = bisections = 0
+    calls, quantized = [], B._quantized
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return quantized(*args, **kwargs)
+
+    monkeypatch.setattr(B, "_quantized", counted)
+    for scheme in B.OPTION_SCHEMES:
+        widths = sorted(b for b, s in B._fitting(B._options((scheme,)), w) if s == scheme)
+        if not widths:
+            continue
+        errors = [
+            B._channel_error(B._quantized(target, (b, scheme)).values(), reference, energy)
+            for b in widths
+        ]
+        for limit in sorted({*errors, *(e * 1.01 for e in errors), errors[0] * 2, 0.0}):
+            passing = [b for b, e in zip(widths, errors, strict=True) if e <= limit]
+            calls.clear()
+            found = B._smallest_width(target, scheme, widths, limit, reference, energy)
+            if all(a >= b for a, b in zip(errors, errors[1:], strict=False)):  # finer, never worse
+                assert (found and found[0]) == (passing[0] if passing else None), scheme
+            if found is not None:
+                assert B._channel_error(found[1].values(), reference, energy) <= limit
+            quantizations += len(calls)
+            bisections += math.ceil(math.log2(len(widths) + 1))
+    assert quantizations < bisections
