@@ -332,20 +332,17 @@ class Allocator:
         searched on threads, each without measuring every option (see _smallest_option)."""
 
         def one(target) -> Option | None:
-            values = _finite(target)  # a tensor that is not finite is refused, not kept
-            energy = _energy(values)
+            weights = _Weights(target)  # a tensor that is not finite is refused, not kept
             option, least = None, math.inf
             for rule in _references(bits):
                 reference = rule(target[1])
                 q = _quantized(target, reference)
-                if q is not None:
-                    error = _channel_error(q.values().reshape(values.shape), values, energy)
-                    if error < least:
-                        option, least = reference, error
+                if q is not None and (error := weights.error(q)) < least:
+                    option, least = reference, error
             if option is None:
                 return None  # the references keep it exact: so does the plan
             mine = _fitting(self._options, target[1])
-            return _smallest_option(target, mine, least, values, energy) or option
+            return _smallest_option(weights, mine, least) or option
 
         found = ordered_map(one, self._targets)
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
@@ -675,8 +672,11 @@ class _Half:
 
     half: np.ndarray
 
-    def values(self) -> np.ndarray:
-        return self.half.astype(np.float32)
+    def values(self, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.half.astype(np.float32)
+        np.copyto(out.reshape(self.half.shape), self.half)
+        return out
 
 
 def _quantized(
@@ -721,72 +721,113 @@ def _energy(reference: np.ndarray) -> np.ndarray:
 
 
 def _channel_error(
-    values: np.ndarray, reference: np.ndarray, energy: np.ndarray | None = None
+    values: np.ndarray,
+    reference: np.ndarray,
+    energy: np.ndarray | None = None,
+    scratch: bool = False,
 ) -> float:
     """The weight error that stands in for a model's: each output channel's squared error
     relative to its own energy, averaged over channels. Unlike the tensor's total squared
     error it does not let a grid trade away small channels (which a per-layer grid zeroes)
     for precision on large ones: the next layer feels every channel. (``reference``: the
-    tensor's :func:`_values`; ``energy``: its :func:`_energy`, when already known.)"""
+    tensor's :func:`_values`; ``energy``: its :func:`_energy`, when already known;
+    ``scratch``: ``values`` may be overwritten.)"""
     if not reference.size:
         return 0.0
-    diff = np.subtract(_rows(values.reshape(reference.shape)), _rows(reference))
+    mine = _rows(values.reshape(reference.shape))
+    in_place = scratch and values.dtype == np.result_type(values, reference)
+    diff = np.subtract(mine, _rows(reference), out=mine if in_place else None)
     energy = _energy(reference) if energy is None else energy
     floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
     return float((_row_squares(diff) / (energy + floor)).mean())
 
 
-def _predicted_errors(
-    reference: np.ndarray, energy: np.ndarray, scheme: str, widths: list[float]
-) -> np.ndarray | None:
+class _Weights:
+    """One tensor searched without a model: its :func:`_values` and channel energies, the
+    value ranges its grids' steps are predicted from, and a buffer that each trial's values
+    decode into (a large tensor's fresh pages cost more than its arithmetic)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.reference = _finite(target)
+        self.energy = _energy(self.reference)
+        self._buffer: np.ndarray | None = None
+        self._ranges: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
+
+    def error(self, q) -> float:
+        """:func:`_channel_error` of a quantized (or binary16) version of the tensor."""
+        if self._buffer is None:
+            self._buffer = np.empty(self.reference.size, dtype=np.float32)
+        values = q.values(out=self._buffer)
+        return _channel_error(values, self.reference, self.energy, scratch=True)
+
+    def ranges(self, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(max, min) of each unit of the rows: the row (``size`` None), or each whole group
+        of ``size`` weights, as (rows, units) arrays; a group size that is a multiple of
+        one already taken is reduced from its ranges."""
+        if size not in self._ranges:
+            rows = _rows(self.reference)
+            if size is None:
+                high, low = rows.max(axis=1)[:, None], rows.min(axis=1)[:, None]
+            else:
+                count = rows.shape[1] // size
+                base = next((b for b in self._ranges if b and size % b == 0), None)
+                if base is None:
+                    groups = rows[:, : count * size].reshape(rows.shape[0], count, size)
+                    high, low = groups.max(axis=2), groups.min(axis=2)
+                else:
+                    k = size // base
+                    shape = (rows.shape[0], count, k)
+                    high, low = (r[:, : count * k].reshape(shape) for r in self._ranges[base])
+                    high, low = high.max(axis=2), low.min(axis=2)
+            self._ranges[size] = (high, low)
+        return self._ranges[size]
+
+
+def _predicted_errors(weights: _Weights, scheme: str, widths: list[float]) -> np.ndarray | None:
     """Each width's :func:`_channel_error` on a grid of ``scheme`` as the grid's steps alone
     predict it (rounding noise of step**2 / 12 a weight, a channel's at most its energy),
     without quantizing: where the search of a grid's widths starts. None for a scheme it
     does not model (the MSE-clipped ones, and binary16 values)."""
+    reference, energy = weights.reference, weights.energy
     if scheme == HALF or not reference.size:
         return None
     base, size = parse_scheme(scheme)
     if base.startswith("mse"):
         return None
-    rows = _rows(reference)
-    symmetric = base.startswith("symmetric")
+    rows, cols = _rows(reference).shape
+    if size is not None and cols < size:
+        size = None  # a group as long as the row: its channel's grid
+    high, low = weights.ranges(size)
     if base.endswith("per-layer"):
-        units = reference.reshape(1, -1)
-    elif size is None or rows.shape[1] < size:  # per channel (a group as long as the row)
-        units = rows
-    else:  # the whole groups (a short last group is taken to be like them)
-        units = rows[:, : rows.shape[1] // size * size].reshape(-1, size)
-    if symmetric:  # steps of 1 / (levels // 2) of the largest magnitude
-        spans = np.maximum(units.max(axis=1), -units.min(axis=1)).astype(np.float64)
-    else:  # steps of 1 / (levels - 1) of the range, which holds 0
-        spans = np.maximum(units.max(axis=1), 0) - np.minimum(units.min(axis=1), 0)
-        spans = spans.astype(np.float64)
-    noise = spans**2 / 12  # a weight's error at a step of one span
-    if units.shape[0] == 1:
-        per_row = np.full(rows.shape[0], noise[0] * rows.shape[1])
-    else:
-        per_row = (noise * units.shape[1]).reshape(rows.shape[0], -1).sum(axis=1)
+        high, low = high.max(keepdims=True), low.min(keepdims=True)
+    high, low = high.astype(np.float64), low.astype(np.float64)
+    # symmetric: steps of 1 / (levels // 2) of the largest magnitude; else of 1 / (levels
+    # - 1) of the range, which holds 0
+    symmetric = base.startswith("symmetric")
+    spans = np.maximum(high, -low) if symmetric else np.maximum(high, 0) - np.minimum(low, 0)
+    # a weight's error at a step of one span, summed over each row (a short last group is
+    # taken to be like the row's whole ones)
+    per_row = np.broadcast_to((spans**2 / 12).mean(axis=1) * cols, (rows,))
     live = energy > 0
     out = []
     for bits in widths:
         levels = levels_for(bits)
         steps = levels // 2 if symmetric else levels - 1
         relative = np.minimum(per_row[live] / steps**2 / energy[live], 1.0)
-        out.append(float(relative.sum() / rows.shape[0]))
+        out.append(float(relative.sum() / rows))
     return np.array(out)
 
 
-def _smallest_option(
-    target, options: list[Option], limit: float, reference: np.ndarray, energy: np.ndarray
-) -> Option | None:
+def _smallest_option(weights: _Weights, options: list[Option], limit: float) -> Option | None:
     """The option of least file size whose :func:`_channel_error` is at most ``limit``, or
     None: for each grid the smallest such width (:func:`_smallest_width`), then the smallest
     file among the grids."""
-    name, array, dtype = target
+    name, array, dtype = weights.target
     best: tuple[int, Option] | None = None
     for scheme in dict.fromkeys(s for _, s in options):
         widths = sorted(b for b, s in options if s == scheme)
-        found = _smallest_width(target, scheme, widths, limit, reference, energy)
+        found = _smallest_width(weights, scheme, widths, limit)
         if found is not None:
             size = _option_size(name, array, dtype, found[1], scheme)
             if best is None or size < best[0]:
@@ -795,7 +836,7 @@ def _smallest_option(
 
 
 def _smallest_width(
-    target, scheme: str, widths: list[float], limit: float, reference, energy
+    weights: _Weights, scheme: str, widths: list[float], limit: float
 ) -> tuple[float, Any] | None:
     """(width, quantized tensor) of the narrowest of ``widths`` (ascending) on the grid of
     ``scheme`` whose :func:`_channel_error` is at most ``limit``, or None: searched from
@@ -804,13 +845,13 @@ def _smallest_width(
     found: dict[int, Any] = {}
 
     def passes(i: int) -> bool:
-        q = _quantized(target, (widths[i], scheme))  # None: too coarse to store the values
-        if q is None or _channel_error(q.values(), reference, energy) > limit:
+        q = _quantized(weights.target, (widths[i], scheme))  # None: too coarse to store
+        if q is None or weights.error(q) > limit:
             return False
         found[i] = q
         return True
 
-    predicted = _predicted_errors(reference, energy, scheme, widths)
+    predicted = _predicted_errors(weights, scheme, widths)
     start = len(widths) // 2
     if predicted is not None:
         start = next((i for i, e in enumerate(predicted) if e <= limit), len(widths) - 1)

@@ -69,10 +69,11 @@ class Quantized:
     scale_dtype: str = "float32"
     shared_zero: bool = False  # every group has the same zero point: the file stores one
 
-    def values(self) -> np.ndarray:
-        """The flat float32 values the codes decode to (spec section 6.1)."""
+    def values(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The flat float32 values the codes decode to (spec section 6.1), into ``out``
+        (flat float32) if given."""
         return dequantize(
-            self.codes, self.scale, self.zero_point, row=self.row, run=self.group_size or 0
+            self.codes, self.scale, self.zero_point, out, row=self.row, run=self.group_size or 0
         )
 
 

@@ -275,7 +275,7 @@ def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, mo
 
     w = _tensors()[name]
     target = (name, w, "float32")
-    reference, energy = B._finite(target), B._energy(w)
+    weights = B._Weights(target)
     quantizations = bisections = 0
     calls, quantized = [], B._quantized
 
@@ -288,18 +288,15 @@ def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, mo
         widths = sorted(b for b, s in B._fitting(B._options((scheme,)), w) if s == scheme)
         if not widths:
             continue
-        errors = [
-            B._channel_error(B._quantized(target, (b, scheme)).values(), reference, energy)
-            for b in widths
-        ]
+        errors = [weights.error(B._quantized(target, (b, scheme))) for b in widths]
         for limit in sorted({*errors, *(e * 1.01 for e in errors), errors[0] * 2, 0.0}):
             passing = [b for b, e in zip(widths, errors, strict=True) if e <= limit]
             calls.clear()
-            found = B._smallest_width(target, scheme, widths, limit, reference, energy)
+            found = B._smallest_width(weights, scheme, widths, limit)
             if all(a >= b for a, b in zip(errors, errors[1:], strict=False)):  # finer, never worse
                 assert (found and found[0]) == (passing[0] if passing else None), scheme
             if found is not None:
-                assert B._channel_error(found[1].values(), reference, energy) <= limit
+                assert weights.error(found[1]) <= limit
             quantizations += len(calls)
             bisections += math.ceil(math.log2(len(widths) + 1))
     assert quantizations < bisections
