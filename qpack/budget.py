@@ -103,6 +103,16 @@ TOP_REFERENCE_SCHEME = "symmetric-per-layer"
 # 8-bit ones (whose reference is per-layer int8), on every model measured.
 REFERENCE_BLOCK = 32
 BLOCK_MAX_BITS = 5
+# Without a model, the output layer (the last tensor of two or more dimensions in the
+# state_dict, whose modules register in forward order) is also held to the reference of this
+# many bits, where it holds at most OUTPUT_SHARE_MAX of the weights to quantize: nothing
+# after it attenuates its error, and a classifier or a projection to the outputs is small.
+# Low-bit CNN practice keeps it at 8 bits, and llama.cpp's 4-bit mixes keep output.weight at
+# 6. Measured on a 1-D CNN, its 8x256 classifier alone at --bits 4 (5-bit per-layer codes,
+# within Q4_0's weight error channel by channel) made 3.5x the output error of the same
+# tensor in Q4_0 blocks.
+OUTPUT_REFERENCE_BITS = 8
+OUTPUT_SHARE_MAX = 0.05
 BLOCK_SCHEME = f"symmetric-per-group-{REFERENCE_BLOCK}"
 
 Option = tuple[float, str]  # (bits, scheme)
@@ -183,6 +193,11 @@ class Allocator:
             t for t in self._items if t[0] not in raw and default_bits(t[1], t[2], DEFAULT_BITS)
         ]
         self._weight_error = evaluate is None
+        # the output layer, held to OUTPUT_REFERENCE_BITS as well without a model
+        layers = [(name, array.size) for name, array, _ in self._targets if array.ndim >= 2]
+        total = sum(array.size for _, array, _ in self._targets)
+        small = bool(layers) and layers[-1][1] <= OUTPUT_SHARE_MAX * total
+        self.output = layers[-1][0] if small and self._weight_error else None
         self._measure = _weight_distortion(self._targets) if evaluate is None else evaluate
         self._measure = check or self._measure  # what plans are checked against
         names = {name for name, _, _ in self._targets}
@@ -328,13 +343,17 @@ class Allocator:
 
     def _dominant(self, bits: float) -> dict[str, Option]:
         """Per tensor, the smallest option whose weight error is at most that of the more
-        accurate reference; that reference itself where no option is as accurate. Tensors are
+        accurate reference (the output layer's include OUTPUT_REFERENCE_BITS'); that
+        reference itself where no option is as accurate. Tensors are
         searched on threads, each without measuring every option (see _smallest_option)."""
 
         def one(target) -> Option | None:
             weights = _Weights(target)  # a tensor that is not finite is refused, not kept
             option, least = None, math.inf
-            for rule in _references(bits):
+            rules = _references(bits)
+            if target[0] == self.output and bits < OUTPUT_REFERENCE_BITS:
+                rules += _references(OUTPUT_REFERENCE_BITS)
+            for rule in rules:
                 reference = rule(target[1])
                 q = _quantized(target, reference)
                 if q is not None and (error := weights.error(q)) < least:

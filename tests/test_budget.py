@@ -300,3 +300,32 @@ def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, mo
             quantizations += len(calls)
             bisections += math.ceil(math.log2(len(widths) + 1))
     assert quantizations < bisections
+
+
+def test_without_a_model_the_output_layer_is_held_to_8_bits(tmp_path):
+    """The last tensor of two or more dimensions (the state_dict's output layer) of a bare
+    ``bits=3`` file is at least as accurate as per-layer int8, weight by weight of its
+    channels, when it is small; earlier layers are not, nor are 1-D tensors after it."""
+    import qpack.budget as B
+
+    rng = np.random.default_rng(11)
+    state = {
+        "body.weight": rng.standard_normal((128, 192)).astype(np.float32),
+        "head.weight": rng.standard_normal((8, 64)).astype(np.float32),
+        "head.bias": rng.standard_normal(8).astype(np.float32),
+    }
+    assert Allocator(state).output == "head.weight"
+    qpack.save(state, tmp_path / "q.qpk", bits=3)
+    out = qpack.load_numpy(tmp_path / "q.qpk")
+
+    def error(name: str, values: np.ndarray) -> float:
+        return B._channel_error(values, state[name])
+
+    int8 = {n: quantize(w, 8, "symmetric-per-layer").values() for n, w in state.items()}
+    assert error("head.weight", out["head.weight"]) <= error("head.weight", int8["head.weight"])
+    assert error("body.weight", out["body.weight"]) > 4 * error("body.weight", int8["body.weight"])
+    # with a model the allocator measures the output itself: no layer is singled out; nor
+    # is a large last layer
+    assert Allocator(state, evaluate=lambda replaced: 0.0).output is None
+    state["head.weight"] = rng.standard_normal((128, 192)).astype(np.float32)
+    assert Allocator(state).output is None
