@@ -108,9 +108,7 @@ class Planner:
                 self.note(f"calibrating: layer inputs on {_batches(count)}")
                 with self._timed("statistics"), self.bar(count, "calibrating") as tick:
                     self._stats = _run_model(
-                        lambda: layer_statistics(
-                            self.model, self._fit, progress=lambda _m: tick(1)
-                        )
+                        lambda: layer_statistics(self.model, self._fit, progress=lambda _m: tick(1))
                     )
         return self._stats
 
@@ -190,17 +188,17 @@ class Planner:
         # a named scheme, or a mapping, spells the plan out: qpack chooses nothing
         spelled = isinstance(bits, Mapping) or scheme is not None
         if max_size is not None and (uniform or spelled):
-            raise E.EncodeError("max_size chooses the widths: it cannot be combined with "
-                                "uniform=True, a scheme or a bits mapping")
+            raise E.EncodeError(
+                "max_size chooses the widths: it cannot be combined with "
+                "uniform=True, a scheme or a bits mapping"
+            )
         if not isinstance(bits, Mapping) and bits != HALF_BITS:
             try:
                 levels_for(bits)
             except ValueError as exc:
                 raise E.EncodeError(str(exc)) from None
         if isinstance(rounding, str) and rounding not in ROUNDINGS:
-            raise E.EncodeError(
-                f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}"
-            )
+            raise E.EncodeError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}")
         wants_gptq = rounding != "nearest"
         stats = self.stats if wants_gptq else {}
         if rounding == "gptq" and not stats:
@@ -222,16 +220,22 @@ class Planner:
             bits = {**bits, **dict.fromkeys(raw)}
         if isinstance(bits, Mapping):
             named = [n for n, b in bits.items() if b is not None]
-            options = {"bits": dict(bits), "scheme": scheme or DEFAULT_SCHEME,
-                       "rounding": default_rounding(named)}
+            options = {
+                "bits": dict(bits),
+                "scheme": scheme or DEFAULT_SCHEME,
+                "rounding": default_rounding(named),
+            }
             return Planned(options, rounder, "widths as given", dict(self.timings))
         if half and max_size is None:
             options = {"bits": bits, "scheme": scheme or DEFAULT_SCHEME, "rounding": "nearest"}
             return Planned(options, None, "float16 values", dict(self.timings))
         if max_size is None and (uniform or spelled or not entropy):
             scheme = scheme or DEFAULT_SCHEME
-            options = {"bits": bits, "scheme": scheme,
-                       "rounding": default_rounding(n for n in self.state if n in stats)}
+            options = {
+                "bits": bits,
+                "scheme": scheme,
+                "rounding": default_rounding(n for n in self.state if n in stats),
+            }
             kind = "Huffman-coded" if entropy else "fixed-width"
             how = f"{bits:g}-bit {kind}, {scheme}, {_rounding_words(options['rounding'])}"
             return Planned(options, rounder, how, dict(self.timings))
@@ -254,8 +258,13 @@ class Planner:
         span += f", {halves} float16" if halves else ""
         grids = ", ".join(sorted(set(options["scheme"].values()))) or "-"
         basis = "the model's output error" if self.model is not None else "weight error"
-        how = (f"{target}: {span} ({grids}), {_rounding_words(options['rounding'])}, "
-               f"chosen by {basis}")
+        from .budget import OUTPUT_REFERENCE_BITS
+
+        if allocator.output is not None and max_size is None and bits < OUTPUT_REFERENCE_BITS:
+            basis += f"; output layer {allocator.output} held to {OUTPUT_REFERENCE_BITS}-bit too"
+        how = (
+            f"{target}: {span} ({grids}), {_rounding_words(options['rounding'])}, chosen by {basis}"
+        )
         return Planned(options, allocator.rounder or rounder, how, dict(self.timings))
 
     def _plain_allocator(self, stats: Mapping, raw: Iterable[str]):
@@ -294,8 +303,12 @@ def plan_save(
 ) -> Planned:
     """One plan for one state (see the module's documentation and :meth:`Planner.plan`)."""
     planner = Planner(
-        state, model=model, calibration=calibration, postprocess=postprocess,
-        progress=progress, bar=bar,
+        state,
+        model=model,
+        calibration=calibration,
+        postprocess=postprocess,
+        progress=progress,
+        bar=bar,
     )
     return planner.plan(**request)
 

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qpack
+from qpack.api import pack
 from qpack.budget import Allocator, parse_size
 from qpack.schemes import code_bits, levels_for, quantize
 
@@ -315,7 +316,8 @@ def test_without_a_model_the_output_layer_is_held_to_8_bits(tmp_path):
         "head.bias": rng.standard_normal(8).astype(np.float32),
     }
     assert Allocator(state).output == "head.weight"
-    qpack.save(state, tmp_path / "q.qpk", bits=3)
+    planned = pack(state, tmp_path / "q.qpk", bits=3)
+    assert "output layer head.weight held to 8-bit" in planned.summary
     out = qpack.load_numpy(tmp_path / "q.qpk")
 
     def error(name: str, values: np.ndarray) -> float:
