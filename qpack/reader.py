@@ -155,8 +155,16 @@ class Reader:
     ) -> np.ndarray:
         """Decode one tensor: float32 for quantized and half tensors, the stored dtype for raw ones
         (bfloat16 as its uint16 bit patterns); ``out`` and ``dequant`` as in
-        :meth:`arrays`."""
+        :meth:`arrays`. A large Huffman stream decodes in ranges on every thread, as in a
+        whole load."""
         entry = self.entry(name)
+        workers = self.default_workers() if entry.storage == HUFFMAN else 1
+        ranges = split_ranges(entry, self._pieces(workers, (entry,)).get(name, 1))
+        if len(ranges) > 1:  # a large Huffman stream: its ranges of chunks on every thread
+            split = _Split(self, entry, self._gap_before(entry), out, ranges)
+            jobs = [(split.read, ()), *((split.decode, r) for r in ranges)]
+            with scratch_scope():
+                return list(ordered_map(lambda job: job[0](*job[1]), jobs, workers))[-1]
         with scratch_scope():
             data = self._checked(entry, self._gap_before(entry), scratch("payload", entry.length))
             return decode_payload(entry, data, self.path, out, dequant)
@@ -215,18 +223,20 @@ class Reader:
             return self._in_order(self._checked, workers)
         return self._in_order(lambda e, gap: then(e, self._checked(e, gap)), workers)
 
-    def _pieces(self, workers: int) -> dict[str, int]:
-        """Into how many ranges each tensor that splits decodes on ``workers`` threads. A
-        load's work is balanced by bytes, not by tensors: a Huffman stream with a chunk
-        index of more than half a thread's share of the load splits into ranges of at most
-        that (the threads, each taking the next job, largest first, then finish within
-        about half a share of each other), of at least :data:`SPLIT_MIN` symbols."""
+    def _pieces(self, workers: int, entries: tuple[TensorEntry, ...] | None = None):
+        """Into how many ranges each tensor that splits decodes on ``workers`` threads,
+        when ``entries`` (default: every tensor) are decoded. A load's work is balanced by
+        bytes, not by tensors: a Huffman stream with a chunk index of more than half a
+        thread's share of the load splits into ranges of at most that (the threads, each
+        taking the next job, largest first, then finish within about half a share of each
+        other), of at least :data:`SPLIT_MIN` symbols."""
+        entries = self.header.tensors if entries is None else entries
         if workers < 2:
             return {}
-        share = sum(map(_work, self.header.tensors)) / (2 * workers)
+        share = sum(map(_work, entries)) / (2 * workers)
         return {
             e.name: min(math.ceil(_work(e) / share), -(-e.numel // e.group) // SPLIT_MIN)
-            for e in self.header.tensors
+            for e in entries
             if e.storage == HUFFMAN and e.chunk and _work(e) > share
         }
 

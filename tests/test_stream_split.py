@@ -68,7 +68,9 @@ def split_into(pieces: int | None):
             mp.setattr(
                 qreader.Reader,
                 "_pieces",
-                lambda self, workers: {e.name: pieces for e in self.header.tensors},
+                lambda self, workers, entries=None: {
+                    e.name: pieces for e in (entries or self.header.tensors)
+                },
             )
         yield
 
@@ -236,6 +238,31 @@ def test_torch_load_splits_and_decodes_the_same(native, tmp_path):
     assert state["d"].dtype == torch.float64
     for name, tensor in state.items():
         assert bits_of(tensor.to(torch.float32).numpy()) == want[name], name
+
+
+@pytest.mark.parametrize("native", [None, pytest.param(NATIVE, marks=native_only)])
+def test_reading_one_tensor_splits_and_decodes_the_same(native, tmp_path):
+    """Reader.array and qpack.open(...).get_tensor, one tensor alone: split on several
+    threads with the compiled kernels, decoded whole by numpy, the same bits either way,
+    into an array of their own or into the tensor torch allocated."""
+    torch = pytest.importorskip("torch")
+    arrays = {"w": weights(6, (48, 320)), "b": weights(7, (48,))}
+    blob = encode(arrays, 3.5, "symmetric-per-group-32", 61, 2)
+    path = tmp_path / "one.qpk"
+    path.write_bytes(blob)
+    want = decoded(blob, None)
+    calls = []
+    with backend(native), split_into(4), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qreader.Reader, "default_workers", lambda self, decoded=None: 3)
+        split = qreader._Split.decode
+        mp.setattr(qreader._Split, "decode", lambda *a: calls.append(a[1:]) or split(*a))
+        with qreader.Reader(path) as reader:
+            assert bits_of(reader.array("w")) == want["w"]
+        with qpack.open(path) as f:
+            tensor = f.get_tensor("w")
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (48, 320)
+    assert bits_of(tensor.numpy()) == want["w"]
+    assert len(calls) == (8 if native else 0)  # four ranges, in each of the two reads
 
 
 def test_numpy_route_never_splits():
@@ -470,6 +497,9 @@ def test_policy_splits_only_tensors_over_half_a_threads_share():
 
     assert pieces(1) == {}
     assert pieces(2) == {"w1": 2, "w5": 2}  # the two 8.4M-weight tensors
+    # read alone, one of them splits in twice as many ranges as threads
+    one = next(e for e in reader.header.tensors if e.name == "w1")
+    assert qreader.Reader._pieces(reader, 2, (one,)) == {"w1": 4}
     work = {e.name: 4 * e.numel + e.length for e in reader.header.tensors}
     for workers in (4, 16, 64):
         share = sum(work.values()) / (2 * workers)
