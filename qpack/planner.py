@@ -8,7 +8,8 @@ per-layer int8). With a model and calibration inputs, accuracy is the model's me
 error on those inputs and codes are chosen by error-compensating rounding
 (:mod:`qpack.gptq`) wherever a layer's inputs are seen (:mod:`qpack.calibrate`): the
 rounding is fitted to every other calibration batch and plans are checked on the others.
-Without them, every tensor's own weight error is held to its reference's. ``uniform=True``
+Without them, every tensor's own weight error is held to its reference's (a small output
+layer's to 8-bit's too: see :data:`qpack.budget.OUTPUT_REFERENCE_BITS`). ``uniform=True``
 (or ``entropy=False``, or naming a ``scheme``) asks for exactly N bits everywhere instead,
 ``max_size`` for the least error within a size, and a mapping ``bits={name: N}`` spells
 the plan out.
