@@ -107,7 +107,8 @@ def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
     peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
     if not peak > 0:
         peak = np.float32(1)  # all-zero tensor: every code decodes to 0
-    q = np.divide(w, peak)  # in place from here: a large tensor is several passes anyway
+    # in place (into an array even for a 0-d w): a large tensor is several passes anyway
+    q = np.divide(w, peak, out=np.empty_like(w))
     q *= half
     np.rint(q, out=q)
     np.clip(q, -half, half - 1, out=q)
