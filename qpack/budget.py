@@ -39,7 +39,7 @@ from .container import ALIGNMENT, HALF, TensorEntry
 from .dtypes import as_items, bf16_to_f32
 from .plan import DEFAULT_BITS, HALF_BITS, TensorPlan, default_bits, resolve
 from .quantize import gptq_rounder, half_values, quantize_tensor
-from .schemes import levels_for, parse_scheme
+from .schemes import as_rows, levels_for, parse_scheme
 from .writer import encode_chunks, quantized_entry
 
 __all__ = ["allocate", "Allocator", "CHANNEL_SCHEMES", "GRID", "OPTION_SCHEMES", "parse_size"]
@@ -720,12 +720,6 @@ def _storable(target, option: Option) -> bool:
     return _quantized(target, option) is not None
 
 
-def _rows(array: np.ndarray) -> np.ndarray:
-    """The tensor as (output channels, weights of a channel); no copy."""
-    rows = array.shape[0] if array.ndim else 1
-    return array.reshape(rows, math.prod(array.shape[1:]))  # -1 fails when empty
-
-
 def _row_squares(diff: np.ndarray) -> np.ndarray:
     """Each row's sum of squares, in float64, of a float32 or float64 array (squared in
     place): summed pairwise, within about 1e-9 of the float64 sum, at a third of its
@@ -736,7 +730,7 @@ def _row_squares(diff: np.ndarray) -> np.ndarray:
 
 def _energy(reference: np.ndarray) -> np.ndarray:
     """Each output channel's energy (sum of squares), as :func:`_channel_error` divides by."""
-    return _row_squares(np.array(_rows(reference)))
+    return _row_squares(np.array(as_rows(reference)))
 
 
 def _channel_error(
@@ -753,9 +747,9 @@ def _channel_error(
     ``scratch``: ``values`` may be overwritten.)"""
     if not reference.size:
         return 0.0
-    mine = _rows(values.reshape(reference.shape))
+    mine = as_rows(values.reshape(reference.shape))
     in_place = scratch and values.dtype == np.result_type(values, reference)
-    diff = np.subtract(mine, _rows(reference), out=mine if in_place else None)
+    diff = np.subtract(mine, as_rows(reference), out=mine if in_place else None)
     energy = _energy(reference) if energy is None else energy
     floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
     return float((_row_squares(diff) / (energy + floor)).mean())
@@ -785,7 +779,7 @@ class _Weights:
         of ``size`` weights, as (rows, units) arrays; a group size that is a multiple of
         one already taken is reduced from its ranges."""
         if size not in self._ranges:
-            rows = _rows(self.reference)
+            rows = as_rows(self.reference)
             if size is None:
                 high, low = rows.max(axis=1)[:, None], rows.min(axis=1)[:, None]
             else:
@@ -814,7 +808,7 @@ def _predicted_errors(weights: _Weights, scheme: str, widths: list[float]) -> np
     base, size = parse_scheme(scheme)
     if base.startswith("mse"):
         return None
-    rows, cols = _rows(reference).shape
+    rows, cols = as_rows(reference).shape
     if size is not None and cols < size:
         size = None  # a group as long as the row: its channel's grid
     high, low = weights.ranges(size)

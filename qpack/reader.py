@@ -158,15 +158,15 @@ class Reader:
         :meth:`arrays`. A large Huffman stream decodes in ranges on every thread, as in a
         whole load."""
         entry = self.entry(name)
+        gap = self._gap_before(entry)
         workers = self.default_workers() if entry.storage == HUFFMAN else 1
         ranges = split_ranges(entry, self._pieces(workers, (entry,)).get(name, 1))
-        if len(ranges) > 1:  # a large Huffman stream: its ranges of chunks on every thread
-            split = _Split(self, entry, self._gap_before(entry), out, ranges)
-            jobs = [(split.read, ()), *((split.decode, r) for r in ranges)]
-            with scratch_scope():
-                return list(ordered_map(lambda job: job[0](*job[1]), jobs, workers))[-1]
         with scratch_scope():
-            data = self._checked(entry, self._gap_before(entry), scratch("payload", entry.length))
+            if len(ranges) > 1:  # a large Huffman stream: its ranges of chunks on every thread
+                split = _Split(self, entry, gap, out, ranges)
+                jobs = [(split.read, ()), *((split.decode, r) for r in ranges)]
+                return list(ordered_map(lambda job: job[0](*job[1]), jobs, workers))[-1]
+            data = self._checked(entry, gap, scratch("payload", entry.length))
             return decode_payload(entry, data, self.path, out, dequant)
 
     def checked_payload(self, name: str):
