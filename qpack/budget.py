@@ -626,6 +626,7 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
 
     name, array, dtype = target
     reference = _finite(target)
+    energy = _energy(reference)
 
     def predicted(values: np.ndarray) -> float:
         rows = row_output_errors(np.subtract(values, reference, dtype=np.float64), stats.hessian)
@@ -635,7 +636,7 @@ def _predict(target, options: list[Option], stats, weights: np.ndarray, rounder)
     for option, values, size in _each_option(target, options):
         kept.append(option)
         sizes.append(size)
-        relative.append(_channel_error(values, reference))
+        relative.append(_channel_error(values, reference, energy))
         predictions.append(predicted(values))
     options = kept
     if not options:
