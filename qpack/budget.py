@@ -39,7 +39,18 @@ from .container import ALIGNMENT, HALF, TensorEntry
 from .dtypes import as_items, bf16_to_f32
 from .plan import DEFAULT_BITS, HALF_BITS, TensorPlan, default_bits, resolve
 from .quantize import gptq_rounder, half_values, quantize_tensor
-from .schemes import as_rows, levels_for, parse_scheme
+from .schemes import (
+    Ranges,
+    as_rows,
+    code_bits,
+    decodes_finite,
+    grid,
+    levels_for,
+    on_grid,
+    parse_scheme,
+    unit_ranges,
+)
+from .weighterror import grid_errors, row_errors
 from .writer import encode_chunks, quantized_entry
 
 __all__ = ["allocate", "Allocator", "CHANNEL_SCHEMES", "GRID", "OPTION_SCHEMES", "parse_size"]
@@ -355,8 +366,8 @@ class Allocator:
                 rules += _references(OUTPUT_REFERENCE_BITS)
             for rule in rules:
                 reference = rule(target[1])
-                q = _quantized(target, reference)
-                if q is not None and (error := weights.error(q)) < least:
+                error = weights.option_error(reference)
+                if error is not None and error < least:
                     option, least = reference, error
             if option is None:
                 return None  # the references keep it exact: so does the plan
@@ -721,80 +732,96 @@ def _storable(target, option: Option) -> bool:
     return _quantized(target, option) is not None
 
 
-def _row_squares(diff: np.ndarray) -> np.ndarray:
-    """Each row's sum of squares, in float64, of a float32 or float64 array (squared in
-    place): summed pairwise, within about 1e-9 of the float64 sum, at a third of its
-    time."""
-    np.square(diff, out=diff)
-    return diff.sum(axis=1, dtype=np.float64)
-
-
 def _energy(reference: np.ndarray) -> np.ndarray:
     """Each output channel's energy (sum of squares), as :func:`_channel_error` divides by."""
-    return _row_squares(np.array(as_rows(reference)))
+    return row_errors(reference)
+
+
+def _relative(sums: np.ndarray, energy: np.ndarray) -> float:
+    """Channels' squared errors ``sums``, each relative to its energy, averaged."""
+    if not sums.size:
+        return 0.0
+    floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
+    return float((sums / (energy + floor)).mean())
 
 
 def _channel_error(
-    values: np.ndarray,
-    reference: np.ndarray,
-    energy: np.ndarray | None = None,
-    scratch: bool = False,
+    values: np.ndarray, reference: np.ndarray, energy: np.ndarray | None = None
 ) -> float:
     """The weight error that stands in for a model's: each output channel's squared error
     relative to its own energy, averaged over channels. Unlike the tensor's total squared
     error it does not let a grid trade away small channels (which a per-layer grid zeroes)
     for precision on large ones: the next layer feels every channel. (``reference``: the
-    tensor's :func:`_values`; ``energy``: its :func:`_energy`, when already known;
-    ``scratch``: ``values`` may be overwritten.)"""
+    tensor's :func:`_values`; ``energy``: its :func:`_energy`, when already known.) Sums
+    are taken as :mod:`qpack.weighterror` says, the same with or without the compiled
+    kernels."""
     if not reference.size:
         return 0.0
-    mine = as_rows(values.reshape(reference.shape))
-    in_place = scratch and values.dtype == np.result_type(values, reference)
-    diff = np.subtract(mine, as_rows(reference), out=mine if in_place else None)
     energy = _energy(reference) if energy is None else energy
-    floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
-    return float((_row_squares(diff) / (energy + floor)).mean())
+    return _relative(row_errors(reference, values), energy)
 
 
 class _Weights:
     """One tensor searched without a model: its :func:`_values` and channel energies, the
-    value ranges its grids' steps are predicted from, and a buffer that each trial's values
-    decode into (a large tensor's fresh pages cost more than its arithmetic)."""
+    value ranges its grids are made from, and a buffer that a trial's values decode into
+    where they must be decoded (a large tensor's fresh pages cost more than its
+    arithmetic)."""
 
     def __init__(self, target):
         self.target = target
         self.reference = _finite(target)
         self.energy = _energy(self.reference)
         self._buffer: np.ndarray | None = None
-        self._ranges: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
+        self._ranges: dict[int | None, Ranges] = {}
 
     def error(self, q) -> float:
         """:func:`_channel_error` of a quantized (or binary16) version of the tensor."""
         if self._buffer is None:
             self._buffer = np.empty(self.reference.size, dtype=np.float32)
         values = q.values(out=self._buffer)
-        return _channel_error(values, self.reference, self.energy, scratch=True)
+        return _channel_error(values, self.reference, self.energy)
 
-    def ranges(self, size: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """(max, min) of each unit of the rows: the row (``size`` None), or each whole group
-        of ``size`` weights, as (rows, units) arrays; a group size that is a multiple of
-        one already taken is reduced from its ranges."""
+    def option_error(self, option: Option) -> float | None:
+        """:func:`_channel_error` of the tensor stored with ``option``, rounding to
+        nearest, or None where it cannot be stored so (see :func:`_quantized`)."""
+        found = self.trial(option, keep=False)
+        return None if found is None else found[0]
+
+    def trial(self, option: Option, keep: bool = True) -> tuple[float, Any] | None:
+        """(:func:`_channel_error`, the quantized tensor or None unless ``keep``) of the
+        tensor stored with ``option``, rounding to nearest; None where it cannot be stored
+        so (see :func:`_quantized`). A grid made from value ranges alone is measured in
+        one pass over the weights, with no values decoded."""
+        array = self.target[1]
+        g = None
+        if option != HALF_OPTION and self.reference.dtype == np.float32 and array.ndim:
+            g = grid(self.reference, option[0], option[1], self.ranges)
+        if g is None:
+            q = _quantized(self.target, option)
+            return None if q is None else (self.error(q), q)
+        if not decodes_finite(code_bits(g.levels), g.scale, g.zero):
+            return None  # values near the float32 limit overflow this grid
+        codes = np.empty(self.reference.size, dtype=np.uint8) if keep else None
+        error = _relative(grid_errors(self.reference, g, codes), self.energy)
+        return error, None if codes is None else on_grid(g, codes)
+
+    def ranges(self, size: int | None) -> Ranges:
+        """:func:`~qpack.schemes.unit_ranges` of the rows (``size`` None) or of each group of
+        ``size`` weights, reduced from those of a group size that divides it, or that of
+        any group for the rows, where already taken."""
         if size not in self._ranges:
             rows = as_rows(self.reference)
-            if size is None:
-                high, low = rows.max(axis=1)[:, None], rows.min(axis=1)[:, None]
+            base = next((b for b in self._ranges if b and (size is None or size % b == 0)), None)
+            if base is None or not rows.size:
+                self._ranges[size] = unit_ranges(rows, size)
             else:
-                count = rows.shape[1] // size
-                base = next((b for b in self._ranges if b and size % b == 0), None)
-                if base is None:
-                    groups = rows[:, : count * size].reshape(rows.shape[0], count, size)
-                    high, low = groups.max(axis=2), groups.min(axis=2)
-                else:
-                    k = size // base
-                    shape = (rows.shape[0], count, k)
-                    high, low = (r[:, : count * k].reshape(shape) for r in self._ranges[base])
-                    high, low = high.max(axis=2), low.min(axis=2)
-            self._ranges[size] = (high, low)
+                high, low = self._ranges[base]
+                k = high.shape[1] if size is None else size // base  # base units per unit
+                units = -(-high.shape[1] // k)
+                pad = ((0, 0), (0, units * k - high.shape[1]))
+                high = np.pad(high, pad, constant_values=-np.inf).reshape(-1, units, k)
+                low = np.pad(low, pad, constant_values=np.inf).reshape(-1, units, k)
+                self._ranges[size] = (high.max(axis=2), low.min(axis=2))
         return self._ranges[size]
 
 
@@ -813,6 +840,8 @@ def _predicted_errors(weights: _Weights, scheme: str, widths: list[float]) -> np
     if size is not None and cols < size:
         size = None  # a group as long as the row: its channel's grid
     high, low = weights.ranges(size)
+    if size is not None:  # whole groups: a short last group is taken to be like them
+        high, low = high[:, : cols // size], low[:, : cols // size]
     if base.endswith("per-layer"):
         high, low = high.max(keepdims=True), low.min(keepdims=True)
     high, low = high.astype(np.float64), low.astype(np.float64)
@@ -836,10 +865,14 @@ def _predicted_errors(weights: _Weights, scheme: str, widths: list[float]) -> np
 def _smallest_option(weights: _Weights, options: list[Option], limit: float) -> Option | None:
     """The option of least file size whose :func:`_channel_error` is at most ``limit``, or
     None: for each grid the smallest such width (:func:`_smallest_width`), then the smallest
-    file among the grids."""
+    file among the grids. The binary16 values' size is known before they are made: they
+    are tried last, and only where they would be the smallest file."""
     name, array, dtype = weights.target
     best: tuple[int, Option] | None = None
-    for scheme in dict.fromkeys(s for _, s in options):
+    schemes = sorted(dict.fromkeys(s for _, s in options), key=lambda s: s == HALF)
+    for scheme in schemes:
+        if scheme == HALF and best and _option_size(name, array, dtype, None, HALF) >= best[0]:
+            continue  # could not replace the file found
         widths = sorted(b for b, s in options if s == scheme)
         found = _smallest_width(weights, scheme, widths, limit)
         if found is not None:
@@ -856,13 +889,14 @@ def _smallest_width(
     ``scheme`` whose :func:`_channel_error` is at most ``limit``, or None: searched from
     the width the grid's steps predict (:func:`_first_passing`), since a finer width of one
     grid has less error. About two quantizations instead of one per width."""
+
     found: dict[int, Any] = {}
 
     def passes(i: int) -> bool:
-        q = _quantized(weights.target, (widths[i], scheme))  # None: too coarse to store
-        if q is None or weights.error(q) > limit:
+        trial = weights.trial((widths[i], scheme))  # None: too coarse to store
+        if trial is None or trial[0] > limit:
             return False
-        found[i] = q
+        found[i] = trial[1]
         return True
 
     predicted = _predicted_errors(weights, scheme, widths)

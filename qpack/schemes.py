@@ -34,6 +34,11 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "GROUP_SCHEMES",
     "Quantized",
+    "Grid",
+    "grid",
+    "grid_codes",
+    "on_grid",
+    "unit_ranges",
     "check_scheme",
     "parse_scheme",
     "quantize",
@@ -144,18 +149,46 @@ def blocks(rows: int, cols: int, whole_rows: bool = False) -> Iterator[tuple[sli
             yield slice(r, r + step), slice(None)
 
 
-def _range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row [min, max], widened to hold 0, in float64."""
-    if rows.shape[1] == 0:
-        return np.zeros(rows.shape[0]), np.zeros(rows.shape[0])
-    lo = np.minimum(rows.min(axis=1), 0).astype(np.float64)
-    return lo, np.maximum(rows.max(axis=1), 0).astype(np.float64)
+# (high, low): the largest and smallest value of each unit (a row, or a group of a row's
+# values), float32 arrays of shape (rows, units).
+Ranges = tuple[np.ndarray, np.ndarray]
+
+
+def unit_ranges(rows: np.ndarray, size: int | None = None) -> Ranges:
+    """:data:`Ranges` of float32 ``rows``: one unit per row (``size`` None), or each group
+    of ``size`` values along it, the last possibly short. A row with no values has one
+    unit of range [0, 0] (and no groups)."""
+    channels, inner = rows.shape
+    run = inner if size is None else size
+    units = -(-inner // run) if inner else int(size is None)
+    if not rows.size:
+        return np.zeros((channels, units), np.float32), np.zeros((channels, units), np.float32)
+    if kernels.native is not None and rows.dtype == np.float32:
+        high = np.empty((channels, units), dtype=np.float32)
+        low = np.empty((channels, units), dtype=np.float32)
+        kernels.native.unit_ranges(np.ascontiguousarray(rows), inner, run, high, low)
+        return high, low
+    whole = inner // run * run
+    parts = []
+    if whole:
+        groups = rows[:, :whole].reshape(channels, -1, run)
+        parts.append((groups.max(axis=2), groups.min(axis=2)))
+    if whole < inner:
+        tail = rows[:, whole:]
+        parts.append((tail.max(axis=1, keepdims=True), tail.min(axis=1, keepdims=True)))
+    high = np.concatenate([p[0] for p in parts], axis=1).astype(np.float32, copy=False)
+    return high, np.concatenate([p[1] for p in parts], axis=1).astype(np.float32, copy=False)
+
+
+def _range_of(high: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's [min, max], widened to hold 0, in float64."""
+    return np.minimum(low, 0).astype(np.float64), np.maximum(high, 0).astype(np.float64)
 
 
 def _grid(
     lo: np.ndarray, hi: np.ndarray, top: int, half: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row affine grid over [lo, hi] (which holds 0): float32 scale (rounded to binary16
+    """Per-unit affine grid over [lo, hi] (which holds 0): float32 scale (rounded to binary16
     first when ``half``, so that codes are chosen on the grid the file stores), float64
     zero point."""
     with np.errstate(over="ignore"):  # huge ranges overflow; the caller rejects them
@@ -178,40 +211,192 @@ def _codes_into(rows, scale, zero, top, out) -> np.ndarray:
     return t
 
 
-# A row quantizer: float32 rows (one grid each), levels, binary16 scales? ->
-# (uint8 codes of the rows' shape, float32 scale per row, float64 zero point per row).
-RowQuantizer = Callable[[np.ndarray, int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]]
-
-
-def _affine_rows(rows: np.ndarray, levels: int, half: bool = False):
-    """Min/max affine quantization of each row, range widened to hold 0, block by block (the
-    rows are never widened to float64 as a whole)."""
-    top = levels - 1
-    scale, zero = _grid(*_range(rows), top, half)
-    return _affine_codes(rows, scale, zero, top), scale, zero
-
-
 def _affine_codes(rows: np.ndarray, scale: np.ndarray, zero: np.ndarray, top: int) -> np.ndarray:
     """:func:`_codes_into` for every row (one grid each), block by block (the rows are never
     widened to float64 as a whole), or by the compiled kernel in one pass."""
     codes = np.empty(rows.shape, dtype=np.uint8)
     if kernels.native is not None and rows.size:  # the same codes in one pass
-        kernels.native.quantize(np.ascontiguousarray(rows), scale, zero, top, codes)
+        kernels.native.quantize(
+            np.ascontiguousarray(rows),
+            np.ascontiguousarray(scale, dtype=np.float32),
+            np.ascontiguousarray(zero, dtype=np.float64),
+            top,
+            codes,
+        )
         return codes
     for r, c in blocks(*rows.shape):
         _codes_into(rows[r, c], scale[r], zero[r], top, codes[r, c])
     return codes
 
 
+# A grid rule: (rows, group size or None, levels, binary16 scales?, their Ranges) -> float32
+# scale and float64 zero point of every unit, shaped as the ranges. Rules see only each
+# unit's range, and the rows where a range alone does not decide.
+GridRule = Callable[
+    [np.ndarray, "int | None", int, bool, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]
+]
+
+
+def _affine_grid(rows, size, levels, half, high, low):
+    """Min/max affine grid of each unit, range widened to hold 0."""
+    lo, hi = _range_of(high, low)
+    return _grid(lo, hi, levels - 1, half)
+
+
+def _symmetric_grid(rows, size, levels, half, high, low):
+    """One zero point ``h = levels // 2`` for every unit, and per unit the scale ``-v / h``,
+    ``v`` its weight of largest magnitude: ``v`` is code 0 exactly, so the full range
+    ``[-h, levels - 1 - h]`` is used on the side of the largest weight (GGUF's Q4_0 grid at
+    4 bits)."""
+    h = levels // 2
+    peak = _signed_peaks(rows, size, high, low)
+    with np.errstate(over="ignore"):
+        scale = (peak.astype(np.float64) / -h).astype(np.float32)
+        if half:
+            scale = scale.astype(np.float16).astype(np.float32)
+    scale[~(scale != 0)] = np.float32(1)  # all-zero unit: any scale decodes to 0
+    return scale, np.full(scale.shape, float(h))
+
+
+def _signed_peaks(rows: np.ndarray, size: int | None, high, low) -> np.ndarray:
+    """Each unit's value of largest magnitude (its range decides, but for a unit holding
+    both v and -v as its extremes: then the first of them along the row)."""
+    peak = np.where(high >= -low, high, low).astype(np.float32)
+    tied = np.nonzero((high == -low) & (high != 0))
+    if tied[0].size:
+        channels, inner = rows.shape
+        run = inner if size is None else size
+        cols = tied[1][:, None] * run + np.arange(run)
+        inside = cols < inner
+        values = np.where(inside, rows[tied[0][:, None], np.minimum(cols, inner - 1)], 0)
+        first = np.abs(values).argmax(axis=1)
+        peak[tied] = values[np.arange(first.size), first]
+    return peak
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A scheme's affine parameters for one tensor, before any code is chosen: run ``g``
+    of the codes (runs as :func:`dequantize` lays them out) has ``scale[g]`` (float32) and
+    zero point ``zero[g]`` (an integer, float64)."""
+
+    scale: np.ndarray
+    zero: np.ndarray
+    levels: int
+    granularity: Granularity
+    group_size: int | None = None
+    row: int = 0
+    scale_dtype: str = "float32"
+    shared_zero: bool = False
+
+
+def _half_scales(scale: np.ndarray) -> bool:
+    """Whether every scale is a normal binary16 number (the file may store them so)."""
+    magnitude = np.abs(scale)
+    return bool(((magnitude >= HALF_MIN) & (magnitude <= HALF_MAX)).all())
+
+
+# closed-form schemes: base name -> (granularity, rule, one zero point for all groups)
+_GRIDS: dict[str, tuple[Granularity, GridRule, bool]] = {
+    "asymmetric-per-layer": ("tensor", _affine_grid, False),
+    "asymmetric-per-channel": ("channel", _affine_grid, False),
+    "asymmetric-per-group": ("group", _affine_grid, False),
+    "symmetric-per-group": ("group", _symmetric_grid, True),
+}
+
+
+def grid(
+    w: np.ndarray,
+    bits: float,
+    scheme: str,
+    ranges: Callable[[int | None], Ranges] | None = None,
+) -> Grid | None:
+    """The grid that :func:`quantize` puts ``w`` (finite float32) on with ``scheme``, without
+    choosing codes; None for a scheme whose grid depends on the codes (the MSE-clipped
+    ones, the origin's per-layer int8). ``ranges``: :func:`unit_ranges` of ``as_rows(w)``
+    by group size, where the caller keeps them."""
+    base, size = parse_scheme(scheme)
+    return _grid_for(w, levels_for(bits), base, size, ranges) if base in _GRIDS else None
+
+
+def _grid_for(w, levels: int, base: str, size: int | None, ranges=None) -> Grid:
+    granularity, rule, shared = _GRIDS[base]
+    if granularity == "group" and w.ndim == 0:
+        raise ValueError("per-group schemes need at least one dimension")
+    rows = as_rows(w)
+    high, low = (ranges or (lambda s: unit_ranges(rows, s)))(size)
+    if granularity == "tensor":
+        high, low = high.max(initial=0, keepdims=True), low.min(initial=0, keepdims=True)
+        high, low = high.reshape(1, 1), low.reshape(1, 1)
+    if granularity != "group":
+        scale, zero = rule(rows, None, levels, False, high, low)
+        return Grid(scale.reshape(-1), zero.reshape(-1), levels, granularity)
+    for half in (True, False):  # binary16 scales where every one is a normal number
+        scale, zero = rule(rows, size, levels, half, high, low)
+        if not half or _half_scales(scale):
+            break
+    return Grid(
+        scale.reshape(-1),
+        zero.reshape(-1),
+        levels,
+        "group",
+        group_size=size,
+        row=rows.shape[1],
+        scale_dtype="float16" if half else "float32",
+        shared_zero=shared,
+    )
+
+
+def grid_codes(w: np.ndarray, g: Grid) -> np.ndarray:
+    """The codes of finite float32 ``w`` on grid ``g`` (flat, C order), rounding to
+    nearest: clip(round(w / scale) + zero, 0, levels - 1)."""
+    top = g.levels - 1
+    if g.granularity == "tensor":
+        return _affine_codes(w.reshape(1, -1), g.scale, g.zero, top).reshape(-1)
+    rows = as_rows(w)
+    if g.granularity == "channel":
+        return _affine_codes(rows, g.scale, g.zero, top).reshape(-1)
+    channels, inner = rows.shape
+    size = g.group_size
+    per, whole = -(-inner // size), inner // size * size
+    scale, zero = g.scale.reshape(channels, per), g.zero.reshape(channels, per)
+    codes = np.empty(rows.shape, dtype=np.uint8)
+    if whole and channels:
+        k = whole // size
+        part = np.ascontiguousarray(rows[:, :whole]).reshape(-1, size)
+        found = _affine_codes(part, scale[:, :k].reshape(-1), zero[:, :k].reshape(-1), top)
+        codes[:, :whole] = found.reshape(channels, whole)
+    if whole < inner and channels:
+        part = np.ascontiguousarray(rows[:, whole:])
+        codes[:, whole:] = _affine_codes(part, scale[:, -1], zero[:, -1], top)
+    return codes.reshape(-1)
+
+
+def on_grid(g: Grid, codes: np.ndarray) -> Quantized:
+    """The quantized tensor of ``codes`` (flat uint8) on grid ``g``."""
+    return Quantized(
+        codes=codes,
+        scale=g.scale,
+        zero_point=g.zero.astype(np.float32),
+        granularity=g.granularity,
+        bits=code_bits(g.levels),
+        group_size=g.group_size,
+        row=g.row,
+        scale_dtype=g.scale_dtype,
+        shared_zero=g.shared_zero,
+    )
+
+
 # Fractions of each channel's [min, max] range tried by the clipping search.
 CLIP_RATIOS = np.linspace(1.0, 0.3, 29)
 
 
-def _mse_rows(rows: np.ndarray, levels: int, half: bool = False):
-    """Like :func:`_affine_rows`, but each row's range is shrunk by the ratio (from 1.0 down
-    to 0.3) that minimizes its squared reconstruction error: clipping a few outliers buys a
-    finer step for all the other weights. Never worse than min/max per row."""
-    lo, hi = _range(rows)
+def _mse_rows(rows: np.ndarray, levels: int, half: bool, high, low):
+    """Min/max affine quantization of each row (``high``, ``low``: its range), but with the
+    range shrunk by the ratio (from 1.0 down to 0.3) that minimizes the row's squared
+    reconstruction error: clipping a few outliers buys a finer step for all the other
+    weights. Never worse than min/max per row. (codes, float32 scale, float64 zero point.)"""
+    lo, hi = _range_of(high.reshape(-1), low.reshape(-1))
     top = levels - 1
     scale = np.empty(rows.shape[0], dtype=np.float32)
     zero = np.empty(rows.shape[0])
@@ -234,127 +419,92 @@ def _mse_rows(rows: np.ndarray, levels: int, half: bool = False):
     return codes, scale, zero
 
 
-def _symmetric_rows(rows: np.ndarray, levels: int, half: bool = False):
-    """One zero point ``h = levels // 2`` for every row, and per row the scale ``-v / h``,
-    ``v`` its weight of largest magnitude: ``v`` is code 0 exactly, so the full range
-    ``[-h, levels - 1 - h]`` is used on the side of the largest weight (GGUF's Q4_0 grid at
-    4 bits)."""
-    h = levels // 2
-    peak = np.zeros(rows.shape[0], dtype=np.float32)
-    if rows.shape[1]:
-        at = np.abs(rows).argmax(axis=1)
-        peak = rows[np.arange(rows.shape[0]), at]
-    with np.errstate(over="ignore"):
-        scale = (peak.astype(np.float64) / -h).astype(np.float32)
-        if half:
-            scale = scale.astype(np.float16).astype(np.float32)
-    scale[~(scale != 0)] = np.float32(1)  # all-zero row: any scale decodes to 0
-    zero = np.full(rows.shape[0], float(h))
-    return _affine_codes(rows, scale, zero, levels - 1), scale, zero
+def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
+    """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
+    1.0 down to 0.3) that minimizes its squared reconstruction error."""
+    rows = as_rows(w)
+    codes, scale, zero = _mse_rows(rows, levels, False, *unit_ranges(rows))
+    zero = zero.astype(np.float32)
+    return Quantized(codes.reshape(-1), scale, zero, "channel", code_bits(levels))
 
 
-def _per_tensor(w: np.ndarray, levels: int, fn: RowQuantizer) -> Quantized:
-    codes, scale, zero = fn(w.reshape(1, -1), levels, False)
-    return _result(codes, scale, zero, levels, "tensor")
-
-
-def _per_channel(w: np.ndarray, levels: int, fn: RowQuantizer) -> Quantized:
-    codes, scale, zero = fn(as_rows(w), levels, False)
-    return _result(codes, scale, zero, levels, "channel")
-
-
-def _result(codes, scale, zero, levels, granularity: Granularity, **group) -> Quantized:
-    return Quantized(
-        codes=codes.reshape(-1),
-        scale=scale,
-        zero_point=zero.astype(np.float32),
-        granularity=granularity,
-        bits=code_bits(levels),
-        **group,
-    )
-
-
-def _per_group(w: np.ndarray, levels: int, fn: RowQuantizer, size: int, shared: bool):
-    """``fn`` on every group of ``size`` codes of every channel's row: the whole groups of
-    all rows as one set of rows, the short last groups (if any) as another. Scales are
-    binary16 where every one is a normal binary16 number, else binary32."""
+def _mse_per_group(w: np.ndarray, levels: int, size: int = DEFAULT_GROUP_SIZE) -> Quantized:
+    """Like asymmetric-per-group, with each group's range shrunk as mse-per-channel's rows'
+    are: the whole groups of all rows as one set of rows, the short last groups (if any)
+    as another. Scales are binary16 where every one is a normal binary16 number."""
+    if w.ndim == 0:
+        raise ValueError("per-group schemes need at least one dimension")
     rows = as_rows(w)
     channels, inner = rows.shape
-    whole = inner // size * size
-    parts = [(slice(0, whole), rows[:, :whole].reshape(-1, size))] if whole and channels else []
+    high, low = unit_ranges(rows, size)
+    whole, groups = inner // size * size, -(-inner // size)
+    parts = []  # (columns, their rows as groups, the groups' ranges)
+    if whole and channels:
+        k = whole // size
+        part = np.ascontiguousarray(rows[:, :whole]).reshape(-1, size)
+        parts.append((slice(0, whole), part, high[:, :k], low[:, :k]))
     if whole < inner and channels:
-        parts.append((slice(whole, inner), rows[:, whole:]))
-    groups = -(-inner // size)
+        parts.append((slice(whole, inner), rows[:, whole:], high[:, -1:], low[:, -1:]))
     for half in (True, False):
         codes = np.empty(rows.shape, dtype=np.uint8)
         scale = np.empty((channels, groups), dtype=np.float32)
         zero = np.empty((channels, groups))
         done = 0
-        for cols, part in parts:
-            c, s, z = fn(np.ascontiguousarray(part), levels, half)
-            k = part.shape[0] // channels  # groups per row in this part
+        for cols, part, h, lo in parts:
+            c, s, z = _mse_rows(part, levels, half, h, lo)
+            k = h.shape[1]
             codes[:, cols] = c.reshape(channels, -1)
             scale[:, done : done + k] = s.reshape(channels, k)
             zero[:, done : done + k] = z.reshape(channels, k)
             done += k
-        magnitude = np.abs(scale)
-        if not half or ((magnitude >= HALF_MIN) & (magnitude <= HALF_MAX)).all():
+        if not half or _half_scales(scale):
             break
-    return _result(
-        codes,
+    return Quantized(
+        codes.reshape(-1),
         scale.reshape(-1),
-        zero.reshape(-1),
-        levels,
+        zero.reshape(-1).astype(np.float32),
         "group",
+        code_bits(levels),
         group_size=size,
         row=inner,
         scale_dtype="float16" if half else "float32",
-        shared_zero=shared,
     )
 
 
-def _asymmetric_per_channel(w: np.ndarray, levels: int) -> Quantized:
-    """Min/max affine quantization per output channel (axis 0), range widened to hold 0.
+def _closed_form(base: str, doc: str):
+    """The quantizer of a scheme in :data:`_GRIDS`: its :func:`grid`, then the nearest
+    codes on it."""
 
-    Holding 0 keeps the integer zero point inside the code range, so every weight lies
-    within half a step of the grid.
-    """
-    return _per_channel(w, levels, _affine_rows)
+    def scheme(w: np.ndarray, levels: int, size: int | None = None) -> Quantized:
+        g = _grid_for(w, levels, base, size)
+        return on_grid(g, grid_codes(w, g))
 
-
-def _asymmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
-    """Min/max affine quantization with one step for the whole tensor (range holds 0).
-
-    With entropy coding this is usually the better grid: a uniform step spends bits where
-    the weights are, whereas per-channel steps refine wide channels for nothing.
-    """
-    return _per_tensor(w, levels, _affine_rows)
-
-
-def _mse_per_channel(w: np.ndarray, levels: int) -> Quantized:
-    """Like asymmetric-per-channel, but each channel's range is shrunk by the ratio (from
-    1.0 down to 0.3) that minimizes its squared reconstruction error."""
-    return _per_channel(w, levels, _mse_rows)
-
-
-def _group_scheme(fn: RowQuantizer, shared: bool):
-    def scheme(w: np.ndarray, levels: int, size: int = DEFAULT_GROUP_SIZE) -> Quantized:
-        if w.ndim == 0:
-            raise ValueError("per-group schemes need at least one dimension")
-        return _per_group(w, levels, fn, size, shared)
-
-    scheme.__doc__ = f"{fn.__doc__.split(chr(10))[0]} (per group of codes)"
+    scheme.__doc__ = doc
     return scheme
 
 
 SCHEMES = {
     "symmetric-per-layer": _symmetric_per_layer,
-    "asymmetric-per-channel": _asymmetric_per_channel,
-    "asymmetric-per-layer": _asymmetric_per_layer,
+    "asymmetric-per-channel": _closed_form(
+        "asymmetric-per-channel",
+        "Min/max affine quantization per output channel (axis 0), range widened to hold 0.\n\n"
+        "Holding 0 keeps the integer zero point inside the code range, so every weight lies\n"
+        "within half a step of the grid.",
+    ),
+    "asymmetric-per-layer": _closed_form(
+        "asymmetric-per-layer",
+        "Min/max affine quantization with one step for the whole tensor (range holds 0).\n\n"
+        "With entropy coding this is usually the better grid: a uniform step spends bits\n"
+        "where the weights are, whereas per-channel steps refine wide channels for nothing.",
+    ),
     "mse-per-channel": _mse_per_channel,
-    "asymmetric-per-group": _group_scheme(_affine_rows, False),
-    "symmetric-per-group": _group_scheme(_symmetric_rows, True),
-    "mse-per-group": _group_scheme(_mse_rows, False),
+    "asymmetric-per-group": _closed_form(
+        "asymmetric-per-group", "Min/max affine quantization of each group of codes."
+    ),
+    "symmetric-per-group": _closed_form(
+        "symmetric-per-group", "Symmetric quantization of each group of codes (Q4_0's grid)."
+    ),
+    "mse-per-group": _mse_per_group,
 }
 GROUP_SCHEMES = ("asymmetric-per-group", "symmetric-per-group", "mse-per-group")
 DEFAULT_SCHEME = "asymmetric-per-channel"

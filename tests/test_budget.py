@@ -278,13 +278,13 @@ def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, mo
     target = (name, w, "float32")
     weights = B._Weights(target)
     quantizations = bisections = 0
-    calls, quantized = [], B._quantized
+    calls, trial = [], B._Weights.trial
 
-    def counted(*args, **kwargs):
-        calls.append(args[1])
-        return quantized(*args, **kwargs)
+    def counted(self, option, *args, **kwargs):
+        calls.append(option)
+        return trial(self, option, *args, **kwargs)
 
-    monkeypatch.setattr(B, "_quantized", counted)
+    monkeypatch.setattr(B._Weights, "trial", counted)
     for scheme in B.OPTION_SCHEMES:
         widths = sorted(b for b, s in B._fitting(B._options((scheme,)), w) if s == scheme)
         if not widths:
@@ -296,9 +296,10 @@ def test_width_search_finds_each_grids_narrowest_width_within_the_limit(name, mo
             found = B._smallest_width(weights, scheme, widths, limit)
             if all(a >= b for a, b in zip(errors, errors[1:], strict=False)):  # finer, never worse
                 assert (found and found[0]) == (passing[0] if passing else None), scheme
-            if found is not None:
-                assert weights.error(found[1]) <= limit
             quantizations += len(calls)
+            if found is not None:  # the one-pass measure is that of the values found
+                assert weights.error(found[1]) <= limit
+                assert weights.option_error((found[0], scheme)) == weights.error(found[1])
             bisections += math.ceil(math.log2(len(widths) + 1))
     assert quantizations < bisections
 

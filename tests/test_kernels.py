@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qpack
-from qpack import bitpack, decoder, kernels, schemes
+from qpack import bitpack, decoder, kernels, schemes, weighterror
 from qpack import entropy as H
 from qpack import errors as E
 from qpack import reader as qreader
@@ -48,6 +48,9 @@ KERNELS = (
     "huffman_encode",
     "histogram",
     "quantize",
+    "quantize_errors",
+    "row_errors",
+    "unit_ranges",
 )
 native_only = pytest.mark.skipif(
     NATIVE is None, reason="qpack._ckernels is not built (or QPACK_PURE is set)"
@@ -729,9 +732,10 @@ class TestQuantize:
     @settings(max_examples=200, deadline=None)
     @given(weight_matrices(), st.integers(1, 255))
     def test_codes_match_numpy_on_the_affine_grid(self, w, top):
-        """With the grid qpack computes (``_grid`` over ``_range``), for any number of
-        levels, the kernel's codes are ``_codes_into``'s."""
-        scale, zero = schemes._grid(*schemes._range(w), top)
+        """With the grid qpack computes (``_grid`` over each row's range), for any number
+        of levels, the kernel's codes are ``_codes_into``'s."""
+        scale, zero = schemes._grid(*schemes._range_of(*schemes.unit_ranges(w)), top)
+        scale, zero = scale.reshape(-1), zero.reshape(-1)
         assert (native_codes(w, scale, zero, top) == numpy_codes(w, scale, zero, top)).all()
 
     @settings(max_examples=150, deadline=None)
@@ -811,6 +815,94 @@ class TestQuantize:
                 assert fast.codes.tobytes() == slow.codes.tobytes()
                 assert fast.scale.tobytes() == slow.scale.tobytes()
                 assert fast.zero_point.tobytes() == slow.zero_point.tobytes()
+
+
+SEARCH_SCHEMES = (
+    "asymmetric-per-layer",
+    "asymmetric-per-channel",
+    "asymmetric-per-group-7",
+    "symmetric-per-group-32",
+    "symmetric-per-group-64",
+)
+
+
+@native_only
+class TestWeightErrors:
+    """The width search's kernels: value ranges, and squared errors summed in the fixed
+    lane order (``qpack.weighterror``), the same bits as numpy's."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(weight_matrices(max_cols=300), st.sampled_from([None, 1, 5, 32, 64, 400]))
+    def test_unit_ranges_match_numpy(self, w, size):
+        with with_native():
+            fast = schemes.unit_ranges(w, size)
+        with numpy_only():
+            slow = schemes.unit_ranges(w, size)
+        for a, b in zip(fast, slow, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+            assert (a == b).all()
+
+    @settings(max_examples=150, deadline=None)
+    @given(weight_matrices(max_cols=300), st.integers(0, 2**32 - 1))
+    def test_row_errors_match_numpy_and_the_lane_order(self, w, seed):
+        """Sums of squared differences (and of squares alone) per row, compiled and numpy,
+        equal a plain loop that adds element k of a row to lane k % 8 and then the lanes
+        as ((0+1)+(2+3))+((4+5)+(6+7))."""
+        rng = np.random.default_rng(seed)
+        other = (w * rng.uniform(0.9, 1.1, w.shape)).astype(np.float32)
+        for values in (other, None):
+            with with_native():
+                fast = weighterror.row_errors(w, values)
+            with numpy_only():
+                slow = weighterror.row_errors(w, values)
+            diff = w.astype(np.float64) if values is None else (values - w).astype(np.float64)
+            lanes = np.zeros((w.shape[0], 8))
+            for k in range(w.shape[1]):
+                lanes[:, k % 8] += diff[:, k] * diff[:, k]
+            loop = ((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3])) + (
+                (lanes[:, 4] + lanes[:, 5]) + (lanes[:, 6] + lanes[:, 7])
+            )
+            assert fast.tobytes() == slow.tobytes() == loop.tobytes()
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        weight_matrices(max_rows=6, max_cols=200),
+        st.sampled_from(SEARCH_SCHEMES),
+        st.sampled_from([1, 2, 3, 3.5, 4, 5, 6.5, 8]),
+    )
+    def test_grid_errors_are_those_of_the_quantized_tensor(self, w, scheme, bits):
+        """Quantizing on a scheme's grid and measuring in one pass gives the codes
+        ``schemes.quantize`` gives and the errors of their decoded values, with the
+        compiled kernels and with numpy."""
+        if not np.isfinite(w).all() or (w.shape[1] < 2 and "group" in scheme):
+            return
+        with np.errstate(over="ignore"):
+            q = schemes.quantize(w, bits, scheme)
+        if not schemes.decodes_finite(q.bits, q.scale, q.zero_point):
+            return
+        g = schemes.grid(w, bits, scheme)
+        want = weighterror.row_errors(w, q.values())
+        for context in (with_native, numpy_only):
+            codes = np.empty(w.size, np.uint8)
+            with context():
+                got = weighterror.grid_errors(w, g, codes)
+                assert weighterror.grid_errors(w, g).tobytes() == got.tobytes()
+            assert got.tobytes() == want.tobytes(), context
+            assert codes.tobytes() == q.codes.tobytes(), context
+
+    def test_long_rows_and_runs_across_rows(self):
+        """Rows longer than the kernels' blocks, a per-layer grid whose one run spans all
+        rows, and groups that start mid-lane: the same errors either way."""
+        rng = np.random.default_rng(5)
+        for shape in [(2, 70001), (33, 517)]:
+            w = rng.laplace(size=shape).astype(np.float32)
+            for scheme in SEARCH_SCHEMES:
+                g = schemes.grid(w, 4.5, scheme)
+                with with_native():
+                    fast = weighterror.grid_errors(w, g)
+                with numpy_only():
+                    slow = weighterror.grid_errors(w, g)
+                assert fast.tobytes() == slow.tobytes(), (shape, scheme)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -1029,6 +1121,9 @@ class TestDecodePayload:
 
 F1, F0, F2 = np.ones(1, np.float32), np.zeros(1, np.float32), np.zeros(2, np.float32)
 W4, Z64 = np.ones(4, np.float32), np.zeros(1, np.float64)
+S64 = np.zeros(2, np.float64)  # sums of two rows
+RO_S64 = np.zeros(2, np.float64)
+RO_S64.flags.writeable = False
 S16 = bytes(16)
 LEN4 = np.array([1, 2, 3, 3], np.uint8)
 OF, OU = np.zeros(16, np.float32), np.zeros(16, np.uint8)  # outputs (every call raises)
@@ -1171,6 +1266,36 @@ HOSTILE = {
     "q top float": ("quantize", W4, F1, Z64, 15.0, OU),
     "q out bytes": ("quantize", W4, F1, Z64, 15, bytes(16)),
     "q out read-only": ("quantize", W4, F1, Z64, 15, RO_U),
+    # quantize_errors(w, scale, zero, top, sums, row=0, run=0[, codes])
+    "qe top 256": ("quantize_errors", W4, F1, Z64, 256, S64),
+    "qe no sums": ("quantize_errors", W4, F1, Z64, 15, np.zeros(0)),
+    "qe sums not dividing w": ("quantize_errors", W4, F1, Z64, 15, np.zeros(3)),
+    "qe sums of 12 bytes": ("quantize_errors", W4, F1, Z64, 15, np.zeros(3, np.float32)),
+    "qe misaligned sums": ("quantize_errors", W4, F1, Z64, 15, misaligned(8)),
+    "qe sums read-only": ("quantize_errors", W4, F1, Z64, 15, RO_S64),
+    "qe uneven runs": ("quantize_errors", np.ones(5, np.float32), F2, np.zeros(2), 15, S64[:1]),
+    "qe zero count": ("quantize_errors", W4, F1, np.zeros(2), 15, S64),
+    "qe row not dividing w": ("quantize_errors", W4, F2, np.zeros(2), 15, S64, 3, 2),
+    "qe runs not fitting": ("quantize_errors", W4, F1, Z64, 15, S64, 2, 1),
+    "qe negative run": ("quantize_errors", W4, F1, Z64, 15, S64, 0, -1),
+    "qe short codes": ("quantize_errors", W4, F1, Z64, 15, S64, 0, 0, np.zeros(3, np.uint8)),
+    "qe long codes": ("quantize_errors", W4, F1, Z64, 15, S64, 0, 0, np.zeros(5, np.uint8)),
+    "qe codes read-only": ("quantize_errors", W4, F1, Z64, 15, S64, 0, 0, RO_U),
+    "qe w str": ("quantize_errors", "abcd", F1, Z64, 15, S64),
+    # row_errors(a, b, sums)
+    "re lengths differ": ("row_errors", W4, np.ones(3, np.float32), S64),
+    "re sums not dividing": ("row_errors", W4, W4, np.zeros(3)),
+    "re no sums": ("row_errors", W4, W4, np.zeros(0)),
+    "re sums read-only": ("row_errors", W4, W4, RO_S64),
+    "re misaligned a": ("row_errors", misaligned(16), W4, S64),
+    "re b None": ("row_errors", W4, None, S64),
+    # unit_ranges(w, row, run, high, low)
+    "ur row 0": ("unit_ranges", W4, 0, 1, F1, F1.copy()),
+    "ur run 0": ("unit_ranges", W4, 4, 0, F1, F1.copy()),
+    "ur row not dividing": ("unit_ranges", W4, 3, 1, F1, F1.copy()),
+    "ur short high": ("unit_ranges", W4, 4, 2, F1, F2),
+    "ur short low": ("unit_ranges", W4, 2, 2, F2, F1),
+    "ur high read-only": ("unit_ranges", W4, 4, 4, RO_F[:1], F1),
 }
 
 
@@ -1288,7 +1413,7 @@ GUARD_PAGE_SETUP = textwrap.dedent(
     """
     import ctypes, mmap
     import numpy as np
-    from qpack import bitpack, kernels, schemes
+    from qpack import bitpack, kernels, schemes, weighterror
     from qpack import entropy as H
 
     N = kernels.native
@@ -1384,6 +1509,39 @@ GUARD_PAGE_SCRIPT = GUARD_PAGE_SETUP + textwrap.dedent(
                 assert bytes(o) == want.tobytes(), (top, count, runs)
                 del o
                 checks += 1
+    codes_at = Guarded()
+    for top in (1, 255):
+        for count in range(1, 70):
+            for rows in (1, 2, 5):
+                if count % rows:
+                    continue
+                row = count // rows
+                for run in (0, 1, 3, 32):
+                    w = rng.normal(size=count).astype(np.float32)
+                    units = rows * -(-row // run) if run else rows
+                    scale = rng.uniform(0.01, 1, units).astype(np.float32)
+                    zero = rng.integers(0, top + 1, units).astype(np.float64)
+                    sums = np.frombuffer(out.end(size=8 * rows), np.float64)
+                    codes = codes_at.end(size=count)
+                    N.quantize_errors(src.end(w.tobytes()), sc.end(scale.tobytes()),
+                                      zp.end(zero.tobytes()), top, sums, row if run else 0,
+                                      run, codes)
+                    kernels.native = None
+                    g = schemes.Grid(scale, zero, top + 1, "group" if run else "channel",
+                                     run or None, row if run else 0)
+                    want = weighterror.grid_errors(w.reshape(rows, row), g)
+                    kernels.native = N
+                    assert sums.tobytes() == want.tobytes(), (top, count, rows, run)
+                    del sums, codes
+                    sums = np.frombuffer(out.end(size=8 * rows), np.float64)
+                    N.row_errors(src.end(w.tobytes()), sc.end(w[::-1].tobytes()), sums)
+                    del sums
+                    if run:
+                        high = np.frombuffer(out.end(size=4 * units), np.float32)
+                        low = np.frombuffer(zp.end(size=4 * units), np.float32)
+                        N.unit_ranges(src.end(w.tobytes()), row, run, high, low)
+                        del high, low
+                    checks += 1
     for count in [*range(0, 40), 1001]:
         data = rng.integers(0, 256, count, dtype=np.uint8)
         counts = np.frombuffer(out.end(bytes(256 * 8)), np.int64)
