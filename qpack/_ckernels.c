@@ -15,7 +15,8 @@
  *   huffman_encode  symbols -> their canonical codewords: entropy.encode_symbols
  *   histogram       counts of byte values: entropy's histograms of symbols
  *   quantize        float32 -> codes by an affine grid: schemes._codes_into
- *   quantize_errors the squared error of each row so quantized, with no codes written, and
+ *   quantize_errors each row's squared error of w so quantized (its codes if asked),
+ *   origin_errors   the same for the origin's per-layer int8 quantizer, and
  *   row_errors      of two arrays' difference: weighterror.py
  *   unit_ranges     the largest and smallest value of each row or group: schemes.unit_ranges
  *
@@ -1175,6 +1176,14 @@ done:
  * k of the row into lane k % 8, in order), the lanes then added as ((0+1)+(2+3))+((4+5)+
  * (6+7)). numpy reproduces that order exactly, so both backends give the same sums. */
 
+/* Add a run of squares, a whole number of eights, into the lanes in order. */
+static inline void
+add_lanes(const double *sq, Py_ssize_t n, double a[8])
+{
+    for (Py_ssize_t k = 0; k + 8 <= n; k += 8)
+        for (int j = 0; j < 8; j++) a[j] += sq[k + j];
+}
+
 static inline double
 lanes_total(const double acc[8])
 {
@@ -1428,6 +1437,71 @@ done:
     return result;
 }
 
+/* The origin's per-layer quantizer (schemes._symmetric_per_layer), in float32: t = w /
+ * peak * half, rounded to nearest even (as (t + c) - c, c = 2^23 of t's sign, exact for
+ * |t| < 2^23; larger floats are whole numbers), clipped to [-half, half - 1]; the code
+ * t + half decodes as scale * (code - half). The error of each value, as grid_errors. */
+VECTOR_CLONES static void
+origin_errors_run(const float *w, Py_ssize_t n, float peak, float half, float scale,
+                  double acc[8])
+{
+    const float two23 = 8388608.0f, low = -half, high = half - 1;
+    double sq[256], a[8] = {acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]};
+    for (Py_ssize_t i = 0; i < n; i += 256) {
+        Py_ssize_t m = n - i < 256 ? n - i : 256;
+        PREFETCH(w + i, AHEAD);
+        for (Py_ssize_t k = 0; k < m; k++) {
+            float t = w[i + k] / peak * half;
+            float c = copysignf(two23, t);
+            t = fabsf(t) < two23 ? (t + c) - c : t;
+            t = t < low ? low : t;
+            t = t > high ? high : t;
+            float d = scale * ((t + half) - half) - w[i + k];
+            sq[k] = (double)d * d;
+        }
+        for (Py_ssize_t k = m; k % 8; k++) sq[k] = 0;
+        add_lanes(sq, m + (-m & 7), a);
+    }
+    memcpy(acc, a, sizeof(a));
+}
+
+PyDoc_STRVAR(origin_errors_doc,
+"origin_errors(w, peak, bits, sums)\n\n"
+"Each channel row's squared error (into float64 `sums`, one per row of float32 `w`) of\n"
+"w quantized by the origin's per-layer quantizer (schemes' symmetric-per-layer) with\n"
+"largest magnitude `peak` > 0 at `bits` (1-8) bits, decoded as dequantize does.");
+
+static PyObject *
+origin_errors(PyObject *self, PyObject *args)
+{
+    Py_buffer w, sums;
+    float peak;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*fiw*", &w, &peak, &bits, &sums)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t count = w.len / 4, rows;
+    if (!float_buffer(&w, "w") || !sum_buffer(&sums, count, &rows)) goto done;
+    if (bits < 1 || bits > 8 || !(peak > 0) || !isfinite(peak)) {
+        PyErr_SetString(PyExc_ValueError, "bits must be 1-8 and peak positive and finite");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    clean_upper_vectors();
+    const float half = (float)(1 << (bits - 1)), scale = peak / half;
+    Py_ssize_t length = count / rows;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        double acc[8] = {0};
+        origin_errors_run((const float *)w.buf + r * length, length, peak, half, scale, acc);
+        ((double *)sums.buf)[r] = lanes_total(acc);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&sums);
+    return result;
+}
+
 PyDoc_STRVAR(row_errors_doc,
 "row_errors(a, b, sums)\n\n"
 "Each channel row's sum of squared differences of float32 `a` and `b` (b empty: of `a`\n"
@@ -1554,6 +1628,7 @@ static PyMethodDef methods[] = {
     {"histogram", histogram, METH_VARARGS, histogram_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {"quantize_errors", quantize_errors, METH_VARARGS, quantize_errors_doc},
+    {"origin_errors", origin_errors, METH_VARARGS, origin_errors_doc},
     {"row_errors", row_errors, METH_VARARGS, row_errors_doc},
     {"unit_ranges", unit_ranges, METH_VARARGS, unit_ranges_doc},
     {NULL, NULL, 0, NULL},

@@ -50,7 +50,7 @@ from .schemes import (
     parse_scheme,
     unit_ranges,
 )
-from .weighterror import grid_errors, row_errors
+from .weighterror import grid_errors, origin_errors, row_errors
 from .writer import encode_chunks, quantized_entry
 
 __all__ = ["allocate", "Allocator", "CHANNEL_SCHEMES", "GRID", "OPTION_SCHEMES", "parse_size"]
@@ -374,7 +374,7 @@ class Allocator:
             mine = _fitting(self._options, target[1])
             return _smallest_option(weights, mine, least) or option
 
-        found = ordered_map(one, self._targets)
+        found = ordered_map(one, self._targets, cost=lambda t: t[1].size)  # largest first
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
 
     def _smallest_within(
@@ -795,6 +795,11 @@ class _Weights:
         array = self.target[1]
         g = None
         if option != HALF_OPTION and self.reference.dtype == np.float32 and array.ndim:
+            if not keep and option[1] == TOP_REFERENCE_SCHEME and float(option[0]).is_integer():
+                high, low = self.ranges(None)
+                peak = np.float32(max(high.max(initial=0), -low.min(initial=0)))
+                sums = origin_errors(self.reference, int(option[0]), peak)
+                return _relative(sums, self.energy), None
             g = grid(self.reference, option[0], option[1], self.ranges)
         if g is None:
             q = _quantized(self.target, option)

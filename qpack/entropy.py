@@ -76,9 +76,11 @@ def group_codes(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
     if group == 1:
         return codes
     count = -(-codes.size // group)
-    if group == 2:  # one lookup per pair: the pair's two bytes index a 64 Ki table
-        padded = codes if codes.size % 2 == 0 else np.append(codes, np.uint8(0))
-        return np.take(_pair_symbols(bits), padded.view("<u2").astype(np.intp))
+    if group == 2:  # two strided passes of byte arithmetic
+        second = codes[1::2]
+        if second.size < count:
+            second = np.append(second, np.uint8(0))
+        return codes[0::2] | (second << np.uint8(bits))
     padded = np.zeros(count * group, dtype=np.uint8)
     padded[: codes.size] = codes
     runs = padded.reshape(count, group)
@@ -86,15 +88,6 @@ def group_codes(codes: np.ndarray, bits: int, group: int) -> np.ndarray:
     for j in range(1, group):
         symbols |= runs[:, j] << np.uint8(j * bits)
     return symbols
-
-
-@cache
-def _pair_symbols(bits: int) -> np.ndarray:
-    """Symbol of every code pair, indexed by ``first | second << 8``."""
-    pair = np.arange(1 << 16)
-    first, second = pair & 0xFF, pair >> 8
-    ok = (first < (1 << bits)) & (second < (1 << bits))
-    return np.where(ok, first | (second << bits), 0).astype(np.uint8)
 
 
 @cache

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .schemes import Grid, as_rows, blocks, dequantize, grid_codes
+from .schemes import Grid, as_rows, blocks, dequantize, grid_codes, quantize
 
-__all__ = ["grid_errors", "row_errors", "row_squares"]
+__all__ = ["grid_errors", "origin_errors", "row_errors", "row_squares"]
 
 LANES = 8
 
@@ -77,3 +77,15 @@ def grid_errors(reference: np.ndarray, g: Grid, codes: np.ndarray | None = None)
         codes[...] = found
     values = dequantize(found, g.scale, g.zero.astype(np.float32), row=g.row, run=g.group_size or 0)
     return row_errors(reference, values)
+
+
+def origin_errors(reference: np.ndarray, bits: int, peak: np.float32) -> np.ndarray:
+    """:func:`row_errors` of float32 ``reference`` quantized by the origin's per-layer
+    quantizer (``symmetric-per-layer``) at whole ``bits``, whose largest magnitude is
+    ``peak``: with the compiled kernels in one pass."""
+    rows = as_rows(reference)
+    if kernels.native is not None and rows.size and peak > 0:
+        sums = np.empty(rows.shape[0])
+        kernels.native.origin_errors(np.ascontiguousarray(rows), float(peak), bits, sums)
+        return sums
+    return row_errors(reference, quantize(reference, bits, "symmetric-per-layer").values())

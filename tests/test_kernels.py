@@ -49,6 +49,7 @@ KERNELS = (
     "histogram",
     "quantize",
     "quantize_errors",
+    "origin_errors",
     "row_errors",
     "unit_ranges",
 )
@@ -890,6 +891,20 @@ class TestWeightErrors:
             assert got.tobytes() == want.tobytes(), context
             assert codes.tobytes() == q.codes.tobytes(), context
 
+    @settings(max_examples=150, deadline=None)
+    @given(weight_matrices(max_rows=6, max_cols=300), st.integers(1, 8))
+    def test_origin_errors_are_those_of_the_origins_quantizer(self, w, bits):
+        """The origin's per-layer int8 quantizer (float32 arithmetic, its own rounding),
+        measured in one pass, gives the errors of ``symmetric-per-layer``'s values."""
+        peak = np.float32(np.abs(w).max(initial=0))
+        if not np.isfinite(w).all() or not peak > 0:
+            return
+        want = weighterror.row_errors(w, schemes.quantize(w, bits, "symmetric-per-layer").values())
+        for context in (with_native, numpy_only):
+            with context():
+                got = weighterror.origin_errors(w, bits, peak)
+            assert got.tobytes() == want.tobytes(), context
+
     def test_long_rows_and_runs_across_rows(self):
         """Rows longer than the kernels' blocks, a per-layer grid whose one run spans all
         rows, and groups that start mid-lane: the same errors either way."""
@@ -1282,6 +1297,16 @@ HOSTILE = {
     "qe long codes": ("quantize_errors", W4, F1, Z64, 15, S64, 0, 0, np.zeros(5, np.uint8)),
     "qe codes read-only": ("quantize_errors", W4, F1, Z64, 15, S64, 0, 0, RO_U),
     "qe w str": ("quantize_errors", "abcd", F1, Z64, 15, S64),
+    # origin_errors(w, peak, bits, sums)
+    "oe bits 0": ("origin_errors", W4, 1.0, 0, S64),
+    "oe bits 9": ("origin_errors", W4, 1.0, 9, S64),
+    "oe peak 0": ("origin_errors", W4, 0.0, 8, S64),
+    "oe peak negative": ("origin_errors", W4, -1.0, 8, S64),
+    "oe peak inf": ("origin_errors", W4, float("inf"), 8, S64),
+    "oe peak nan": ("origin_errors", W4, float("nan"), 8, S64),
+    "oe sums not dividing": ("origin_errors", W4, 1.0, 8, np.zeros(3)),
+    "oe sums read-only": ("origin_errors", W4, 1.0, 8, RO_S64),
+    "oe w str": ("origin_errors", "abcd", 1.0, 8, S64),
     # row_errors(a, b, sums)
     "re lengths differ": ("row_errors", W4, np.ones(3, np.float32), S64),
     "re sums not dividing": ("row_errors", W4, W4, np.zeros(3)),
@@ -1535,6 +1560,7 @@ GUARD_PAGE_SCRIPT = GUARD_PAGE_SETUP + textwrap.dedent(
                     del sums, codes
                     sums = np.frombuffer(out.end(size=8 * rows), np.float64)
                     N.row_errors(src.end(w.tobytes()), sc.end(w[::-1].tobytes()), sums)
+                    N.origin_errors(src.end(w.tobytes()), 2.5, 8, sums)
                     del sums
                     if run:
                         high = np.frombuffer(out.end(size=4 * units), np.float32)
