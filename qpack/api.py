@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,7 +104,8 @@ def pack(
                                 bar=bar, **request)
         items, plan, planned = plan_items(obj, planned, entropy=request.get("entropy", True))
         write_file(path, items, plan, metadata, rounder=planned.rounder, progress=progress,
-                   **(write or {}))
+                   quantized=planned.quantized, **(write or {}))
+        planned = replace(planned, quantized={})  # the codes are written: let them go
     except E.QpackError as exc:
         if exc.path is None:
             raise type(exc)(exc.reason, path=path, tensor=exc.tensor) from None

@@ -221,6 +221,9 @@ class Allocator:
         self._joints: dict[tuple, float | np.ndarray] = {}
         self._sizes: dict[tuple, int] = {}
         self._answers: list[dict[str, Option]] = []  # plans for_bits returned
+        # without a model: each tensor quantized with the option chosen for it, as the
+        # search made it (rounded to nearest), which the writer need not make again
+        self.made: dict[str, tuple[Option, Any]] = {}
         # without a model a width query needs no measurements of every option (see
         # _dominant): they are taken when a query needs them
         if not self._weight_error:
@@ -371,8 +374,11 @@ class Allocator:
                     option, least = reference, error
             if option is None:
                 return None  # the references keep it exact: so does the plan
-            mine = _fitting(self._options, target[1])
-            return _smallest_option(weights, mine, least) or option
+            found = _smallest_option(weights, _fitting(self._options, target[1]), least)
+            if found is None:
+                return option
+            self.made[target[0]] = found
+            return found[0]
 
         found = ordered_map(one, self._targets, cost=lambda t: t[1].size)  # largest first
         return {t[0]: o for t, o in zip(self._targets, found, strict=True) if o is not None}
@@ -823,9 +829,11 @@ class _Weights:
                 high, low = self._ranges[base]
                 k = high.shape[1] if size is None else size // base  # base units per unit
                 units = -(-high.shape[1] // k)
-                pad = ((0, 0), (0, units * k - high.shape[1]))
-                high = np.pad(high, pad, constant_values=-np.inf).reshape(-1, units, k)
-                low = np.pad(low, pad, constant_values=np.inf).reshape(-1, units, k)
+                if units * k > high.shape[1]:  # a short last unit: pad with no values
+                    pad = ((0, 0), (0, units * k - high.shape[1]))
+                    high = np.pad(high, pad, constant_values=-np.inf)
+                    low = np.pad(low, pad, constant_values=np.inf)
+                high, low = high.reshape(-1, units, k), low.reshape(-1, units, k)
                 self._ranges[size] = (high.max(axis=2), low.min(axis=2))
         return self._ranges[size]
 
@@ -858,22 +866,22 @@ def _predicted_errors(weights: _Weights, scheme: str, widths: list[float]) -> np
     # taken to be like the row's whole ones)
     per_row = np.broadcast_to((spans**2 / 12).mean(axis=1) * cols, (rows,))
     live = energy > 0
-    out = []
-    for bits in widths:
-        levels = levels_for(bits)
-        steps = levels // 2 if symmetric else levels - 1
-        relative = np.minimum(per_row[live] / steps**2 / energy[live], 1.0)
-        out.append(float(relative.sum() / rows))
-    return np.array(out)
+    levels = np.array([levels_for(b) for b in widths])
+    steps = (levels // 2 if symmetric else levels - 1)[:, None]
+    relative = np.minimum(per_row[live][None, :] / steps**2 / energy[live][None, :], 1.0)
+    return relative.sum(axis=1) / rows
 
 
-def _smallest_option(weights: _Weights, options: list[Option], limit: float) -> Option | None:
-    """The option of least file size whose :func:`_channel_error` is at most ``limit``, or
-    None: for each grid the smallest such width (:func:`_smallest_width`), then the smallest
+def _smallest_option(
+    weights: _Weights, options: list[Option], limit: float
+) -> tuple[Option, Any] | None:
+    """(The option of least file size whose :func:`_channel_error` is at most ``limit``,
+    the tensor quantized so), or None: for each grid the smallest such width
+    (:func:`_smallest_width`), then the smallest
     file among the grids. The binary16 values' size is known before they are made: they
     are tried last, and only where they would be the smallest file."""
     name, array, dtype = weights.target
-    best: tuple[int, Option] | None = None
+    best: tuple[int, Option, Any] | None = None
     schemes = sorted(dict.fromkeys(s for _, s in options), key=lambda s: s == HALF)
     for scheme in schemes:
         if scheme == HALF and best and _option_size(name, array, dtype, None, HALF) >= best[0]:
@@ -883,8 +891,8 @@ def _smallest_option(weights: _Weights, options: list[Option], limit: float) -> 
         if found is not None:
             size = _option_size(name, array, dtype, found[1], scheme)
             if best is None or size < best[0]:
-                best = (size, (found[0], scheme))
-    return None if best is None else best[1]
+                best = (size, (found[0], scheme), found[1])
+    return None if best is None else best[1:]
 
 
 def _smallest_width(

@@ -55,6 +55,9 @@ class Planned:
     rounder: Rounder | None = None
     summary: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    # name -> ((bits, scheme), quantized tensor) the planner already made, rounded to
+    # nearest: the writer takes them where the plan still says so
+    quantized: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 class Planner:
@@ -266,7 +269,8 @@ class Planner:
         how = (
             f"{target}: {span} ({grids}), {_rounding_words(options['rounding'])}, chosen by {basis}"
         )
-        return Planned(options, allocator.rounder or rounder, how, dict(self.timings))
+        made = dict(allocator.made)
+        return Planned(options, allocator.rounder or rounder, how, dict(self.timings), made)
 
     def _plain_allocator(self, stats: Mapping, raw: Iterable[str]):
         """An allocator for other settings than the shared one: without error-compensating

@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -88,8 +88,11 @@ def encode_tensor(
     plan: TensorPlan,
     entropy: bool = False,
     rounder: Rounder | None = None,
+    made: tuple[Any, Quantized] | None = None,
 ) -> tuple[TensorEntry, np.ndarray]:
-    """One tensor's header entry (offset not yet assigned) and its payload bytes."""
+    """One tensor's header entry (offset not yet assigned) and its payload bytes.
+    ``made``: ((bits, scheme), the tensor quantized so, rounded to nearest), taken where
+    the plan says the same instead of quantizing again."""
     shape = tuple(int(d) for d in array.shape)
     if plan.bits is None:
         payload = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[dtype]).reshape(-1)
@@ -100,7 +103,10 @@ def encode_tensor(
         payload = half_values(name, array, dtype).reshape(-1).view(np.uint8)
         entry = TensorEntry(name, shape, dtype, HALF, 0, payload.size, crc32(payload))
         return entry, payload
-    q = quantize_tensor(name, array, dtype, plan, rounder)
+    if made is not None and made[0] == (plan.bits, plan.scheme) and plan.rounding == "nearest":
+        q = made[1]
+    else:
+        q = quantize_tensor(name, array, dtype, plan, rounder)
     entry, huffman = quantized_entry(name, shape, dtype, q, plan.scheme, entropy)
     if huffman is not None:
         symbols, counts = huffman
@@ -139,13 +145,17 @@ def _encoded(
     plan: Plan,
     rounder: Rounder | None = None,
     workers: int | None = None,
+    made: Mapping[str, tuple[Any, Quantized]] | None = None,
 ) -> Iterator[tuple[TensorEntry, np.ndarray]]:
     """Encode the items on worker threads (by default one per CPU, but one in all for a
-    small fixed-width save), yielding (entry, payload) in order."""
+    small fixed-width save), yielding (entry, payload) in order; ``made`` as
+    :func:`encode_tensor` takes it, by name."""
+    made = made or {}
 
     def one(item: Item) -> tuple[TensorEntry, np.ndarray]:
         name, array, dtype = item
-        return encode_tensor(name, array, dtype, plan.tensors[name], plan.entropy, rounder)
+        plan_of = plan.tensors[name]
+        return encode_tensor(name, array, dtype, plan_of, plan.entropy, rounder, made.get(name))
 
     small = sum(a.size for _, a, _ in items) < SAVE_THREADS_MIN
     if workers is None and not plan.entropy and small:
@@ -177,6 +187,7 @@ def write_file(
     inputs: Iterable[str | os.PathLike] = (),
     workers: int | None = None,
     progress: Callable[[int], object] | None = None,
+    quantized: Mapping[str, tuple[Any, Quantized]] | None = None,
 ) -> None:
     """Encode ``(name, array, dtype)`` items to ``path`` as ``plan`` says, atomically and
     streaming (``overwrite`` and ``inputs`` as in :func:`qpack.atomic.write_atomic`).
@@ -185,10 +196,12 @@ def write_file(
     in memory up to :data:`SPOOL_MEMORY` bytes in all, the rest in a temporary spool file
     as soon as each is encoded; memory holds the inputs, that much, and a few encoded
     tensors (see :func:`~qpack._threads.ordered_map`). ``progress`` is called with each
-    tensor's element count once it is encoded."""
+    tensor's element count once it is encoded. ``quantized``: tensors the planner already
+    quantized (see :func:`encode_tensor`), by name."""
     items = list(items)
     meta = _metadata(items, metadata)
-    chunks = _spooled(_spool_folder(path), items, plan, rounder, meta, workers, progress)
+    encoded = _encoded(items, plan, rounder, workers, quantized)
+    chunks = _spooled(_spool_folder(path), encoded, meta, progress)
     write_atomic(path, chunks, overwrite=overwrite, inputs=inputs)
 
 
@@ -201,13 +214,13 @@ def _spool_folder(path: str | os.PathLike) -> str | None:
     return os.path.dirname(target)
 
 
-def _spooled(folder, items, plan, rounder, meta, workers, progress):
+def _spooled(folder, tensors, meta, progress):
     """The chunks of :func:`write_file`: encoded payloads wait in memory while they fit
     in :data:`SPOOL_MEMORY`, the others in a spool file made when first needed; raw ones
     are views of the caller's arrays, so they are written straight from there."""
     with contextlib.ExitStack() as stack:
         spool, held, encoded = None, 0, []
-        for entry, payload in _encoded(items, plan, rounder, workers):
+        for entry, payload in tensors:
             if entry.storage != RAW:
                 if held + entry.length <= SPOOL_MEMORY:
                     held += entry.length

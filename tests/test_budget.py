@@ -332,3 +332,32 @@ def test_without_a_model_the_output_layer_is_held_to_8_bits(tmp_path):
     assert Allocator(state, evaluate=lambda replaced: 0.0).output is None
     state["head.weight"] = rng.standard_normal((128, 192)).astype(np.float32)
     assert Allocator(state).output is None
+
+
+def test_the_writer_takes_the_tensors_the_search_quantized(tmp_path, monkeypatch):
+    """Without a model, the codes the width search made for each chosen option are the ones
+    written (nothing is quantized twice), and the file is byte for byte the one that
+    spelling the same plan out writes (the writer quantizing every tensor itself)."""
+    import qpack.writer as W
+
+    rng = np.random.default_rng(4)
+    state = {
+        "conv.weight": rng.standard_t(4, (32, 32, 3, 3)).astype(np.float32),
+        "conv.bias": rng.standard_normal(32).astype(np.float32),
+        "fc.weight": rng.laplace(size=(40, 256)).astype(np.float32),
+        "odd.weight": rng.standard_normal((6, 33)).astype(np.float16),  # binary16 at <= 5
+    }
+    calls, quantize_tensor = [], W.quantize_tensor
+    monkeypatch.setattr(
+        W, "quantize_tensor", lambda *a, **k: calls.append(a[0]) or quantize_tensor(*a, **k)
+    )
+    for bits in (3, 4.5, 8):
+        calls.clear()
+        planned = pack(state, tmp_path / "searched.qpk", bits=bits)
+        assert calls == [] and planned.quantized == {}
+        plan = qpack.allocate(state, bits=bits)
+        pack(state, tmp_path / "spelled.qpk", bits=plan["bits"], scheme=plan["scheme"])
+        coded = [n for n, b in plan["bits"].items() if b not in (None, 16.0)]
+        assert len(coded) >= 2 and sorted(calls) == sorted(coded)
+        searched = (tmp_path / "searched.qpk").read_bytes()
+        assert searched == (tmp_path / "spelled.qpk").read_bytes(), bits
