@@ -743,12 +743,16 @@ def _energy(reference: np.ndarray) -> np.ndarray:
     return row_errors(reference)
 
 
-def _relative(sums: np.ndarray, energy: np.ndarray) -> float:
-    """Channels' squared errors ``sums``, each relative to its energy, averaged."""
-    if not sums.size:
-        return 0.0
-    floor = 1e-12 * max(float(energy.mean()), 1e-30)  # all-zero channels
-    return float((sums / (energy + floor)).mean())
+def _divisor(energy: np.ndarray) -> np.ndarray:
+    """What :func:`_relative` divides each channel's squared error by: its energy, and a
+    floor for all-zero channels."""
+    return energy + 1e-12 * max(float(energy.mean()), 1e-30) if energy.size else energy
+
+
+def _relative(sums: np.ndarray, divisor: np.ndarray) -> float:
+    """Channels' squared errors ``sums``, each relative to its energy (``divisor``, see
+    :func:`_divisor`), averaged."""
+    return float((sums / divisor).mean()) if sums.size else 0.0
 
 
 def _channel_error(
@@ -764,7 +768,7 @@ def _channel_error(
     if not reference.size:
         return 0.0
     energy = _energy(reference) if energy is None else energy
-    return _relative(row_errors(reference, values), energy)
+    return _relative(row_errors(reference, values), _divisor(energy))
 
 
 class _Weights:
@@ -777,6 +781,7 @@ class _Weights:
         self.target = target
         self.reference = _finite(target)
         self.energy = _energy(self.reference)
+        self.divisor = _divisor(self.energy)
         self._buffer: np.ndarray | None = None
         self._ranges: dict[int | None, Ranges] = {}
 
@@ -785,7 +790,7 @@ class _Weights:
         if self._buffer is None:
             self._buffer = np.empty(self.reference.size, dtype=np.float32)
         values = q.values(out=self._buffer)
-        return _channel_error(values, self.reference, self.energy)
+        return _relative(row_errors(self.reference, values), self.divisor)
 
     def option_error(self, option: Option) -> float | None:
         """:func:`_channel_error` of the tensor stored with ``option``, rounding to
@@ -805,7 +810,7 @@ class _Weights:
                 high, low = self.ranges(None)
                 peak = np.float32(max(high.max(initial=0), -low.min(initial=0)))
                 sums = origin_errors(self.reference, int(option[0]), peak)
-                return _relative(sums, self.energy), None
+                return _relative(sums, self.divisor), None
             g = grid(self.reference, option[0], option[1], self.ranges)
         if g is None:
             q = _quantized(self.target, option)
@@ -813,7 +818,7 @@ class _Weights:
         if not decodes_finite(code_bits(g.levels), g.scale, g.zero):
             return None  # values near the float32 limit overflow this grid
         codes = np.empty(self.reference.size, dtype=np.uint8) if keep else None
-        error = _relative(grid_errors(self.reference, g, codes), self.energy)
+        error = _relative(grid_errors(self.reference, g, codes), self.divisor)
         return error, None if codes is None else on_grid(g, codes)
 
     def ranges(self, size: int | None) -> Ranges:

@@ -15,6 +15,7 @@ header is informational. Quantizing runs in numpy; only decoding must be bit-exa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -131,7 +132,7 @@ def _symmetric_per_layer(w: np.ndarray, levels: int) -> Quantized:
 def as_rows(w: np.ndarray) -> np.ndarray:
     """The tensor as (channels along axis 0, everything else); no copy."""
     channels = w.shape[0] if w.ndim else 1
-    inner = int(np.prod(w.shape[1:], dtype=np.int64))
+    inner = math.prod(w.shape[1:])
     return w.reshape(channels, inner)
 
 
