@@ -1190,50 +1190,13 @@ lanes_total(const double acc[8])
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* Four doubles or floats in one vector (GCC's and Clang's vector extensions), and a
- * lane-wise select: where mask, a, else b. */
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef int64_t i64x4 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-static inline f64x4
-select4(i64x4 mask, f64x4 a, f64x4 b)
-{
-    return (f64x4)(((i64x4)a & mask) | ((i64x4)b & ~mask));
-}
-
-/* nearest_code of four values at once; their float32 errors go to four lanes of `acc`,
- * their codes to `codes` unless NULL. */
-static inline void
-grid_errors4(const float *w, f64x4 step, f64x4 zero, f64x4 hi, f32x4 scale, f32x4 zf,
-             f64x4 *acc, uint8_t *codes)
-{
-    const f64x4 two52 = {4503599627370496.0, 4503599627370496.0, 4503599627370496.0,
-                         4503599627370496.0};
-    const f64x4 none = {0, 0, 0, 0};
-    const i64x4 sign = {INT64_MIN, INT64_MIN, INT64_MIN, INT64_MIN};
-    f32x4 v;
-    memcpy(&v, w, sizeof(v));
-    f64x4 x = __builtin_convertvector(v, f64x4) / step;
-    f64x4 c = (f64x4)(((i64x4)x & sign) | (i64x4)two52); /* copysign(2^52, x) */
-    f64x4 magnitude = (f64x4)((i64x4)x & ~sign);
-    f64x4 t = select4(magnitude < two52, (x + c) - c, x) + zero;
-    t = select4(t >= none, t, none);
-    t = select4(t > hi, hi, t);
-    f32x4 e = scale * (__builtin_convertvector(t, f32x4) - zf) - v;
-    f64x4 d = __builtin_convertvector(e, f64x4);
-    *acc += d * d;
-    if (codes)
-        for (int j = 0; j < 4; j++) codes[j] = (uint8_t)(int)t[j];
-}
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_AVX2_ERRORS 1
 
-/* grid_errors4 with AVX2 intrinsics (compilers turn the vector extensions into slow
- * conversions): _mm256_round_pd to nearest is rint, and min and max clip as the
- * comparisons do (the quotient is never NaN). Same values, about twice as fast. */
+/* Four of grid_errors' values with AVX2 intrinsics (compilers leave its loop scalar, or
+ * convert between float and double through memory): _mm256_round_pd to nearest is rint,
+ * and min and max clip as the comparisons do (the quotient is never NaN). */
 __attribute__((target("avx2"))) static inline __m256d
 errors4_avx2(const float *w, __m256d step, __m256d zero, __m256d hi, __m128 scale, __m128 zf,
              __m256d acc, uint8_t *codes)
@@ -1295,20 +1258,18 @@ grid_errors(const float *w, Py_ssize_t n, Py_ssize_t lane, float scale, double z
     } else
 #endif
     {
-        const f64x4 step4 = {step, step, step, step}, zero4 = {zero, zero, zero, zero};
-        const f64x4 hi4 = {hi, hi, hi, hi};
-        const f32x4 scale4 = {scale, scale, scale, scale}, zf4 = {zf, zf, zf, zf};
-        f64x4 a = {acc[0], acc[1], acc[2], acc[3]}, b = {acc[4], acc[5], acc[6], acc[7]};
+        double a[8];
+        memcpy(a, acc, sizeof(a));
         for (; i + 8 <= n; i += 8) {
-            uint8_t *at = codes ? codes + i : NULL;
             PREFETCH(w + i, AHEAD);
-            grid_errors4(w + i, step4, zero4, hi4, scale4, zf4, &a, at);
-            grid_errors4(w + i + 4, step4, zero4, hi4, scale4, zf4, &b, at ? at + 4 : NULL);
+            for (int j = 0; j < 8; j++) {
+                double t = nearest_code(w[i + j], step, zero, hi);
+                double d = scale * ((float)t - zf) - w[i + j];
+                a[j] += d * d;
+                if (codes) codes[i + j] = (uint8_t)(int)t;
+            }
         }
-        for (int j = 0; j < 4; j++) {
-            acc[j] = a[j];
-            acc[j + 4] = b[j];
-        }
+        memcpy(acc, a, sizeof(a));
     }
     for (int j = 0; i < n; i++, j++) {
         double t = nearest_code(w[i], step, zero, hi);
@@ -1543,8 +1504,10 @@ PyDoc_STRVAR(unit_ranges_doc,
 "The largest and smallest value of each unit of float32 `w` into float32 `high` and\n"
 "`low`: rows of `row` values, each split into units of `run`, the last possibly short.");
 
+#if defined(__GNUC__) || defined(__clang__)
 /* Eight floats in one vector (GCC's and Clang's vector extensions; two SSE registers
- * in the baseline build), and a lane-wise select: where mask, a, else b. */
+ * in the baseline build), and a lane-wise select: where mask, a, else b. Compilers leave
+ * the same loop over an array of eight lanes scalar. */
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
@@ -1553,12 +1516,14 @@ select8(i32x8 mask, f32x8 a, f32x8 b)
 {
     return (f32x8)(((i32x8)a & mask) | ((i32x8)b & ~mask));
 }
+#endif
 
 VECTOR_CLONES static void
 range_of(const float *w, Py_ssize_t n, float *high, float *low)
 {
     float hi = w[0], lo = w[0];
     Py_ssize_t i = 0;
+#if defined(__GNUC__) || defined(__clang__)
     if (n >= 8) {
         f32x8 h, l, v;
         memcpy(&h, w, sizeof(h));
@@ -1574,6 +1539,7 @@ range_of(const float *w, Py_ssize_t n, float *high, float *low)
             lo = l[j] < lo ? l[j] : lo;
         }
     }
+#endif
     for (; i < n; i++) {
         hi = w[i] > hi ? w[i] : hi;
         lo = w[i] < lo ? w[i] : lo;
