@@ -32,6 +32,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The loops that compilers vectorize get an AVX2 build beside the baseline one, chosen
@@ -1194,6 +1195,10 @@ lanes_total(const double acc[8])
 #include <immintrin.h>
 #define HAVE_AVX2_ERRORS 1
 
+/* Whether the AVX2 loop may run (set at import; QPACK_NO_AVX2=1 holds it back, so that the
+ * tests can run the plain loop on a machine that has AVX2). */
+static int avx2_errors;
+
 /* Four of grid_errors' values with AVX2 intrinsics (compilers leave its loop scalar, or
  * convert between float and double through memory): _mm256_round_pd to nearest is rint,
  * and min and max clip as the comparisons do (the quotient is never NaN). */
@@ -1253,7 +1258,7 @@ grid_errors(const float *w, Py_ssize_t n, Py_ssize_t lane, float scale, double z
         if (codes) codes[i] = (uint8_t)(int)t;
     }
 #ifdef HAVE_AVX2_ERRORS
-    if (__builtin_cpu_supports("avx2")) {
+    if (avx2_errors) {
         i += errors_avx2(w + i, n - i, scale, zero, top, acc, codes ? codes + i : NULL);
     } else
 #endif
@@ -1609,5 +1614,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__ckernels(void)
 {
+#ifdef HAVE_AVX2_ERRORS
+    const char *no = getenv("QPACK_NO_AVX2");
+    avx2_errors = __builtin_cpu_supports("avx2") && !(no && *no && strcmp(no, "0"));
+#endif
     return PyModule_Create(&module);
 }

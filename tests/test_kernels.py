@@ -905,6 +905,38 @@ class TestWeightErrors:
                 got = weighterror.origin_errors(w, bits, peak)
             assert got.tobytes() == want.tobytes(), context
 
+    def test_the_plain_loop_matches_the_avx2_one(self):
+        """With ``QPACK_NO_AVX2=1`` (as on a machine without AVX2) ``quantize_errors`` runs
+        its plain loop: the same sums and codes as numpy's, in a child process."""
+        script = textwrap.dedent(
+            """
+            import numpy as np
+            from qpack import kernels, schemes, weighterror
+            rng = np.random.default_rng(9)
+            for shape in [(3, 1), (5, 37), (2, 1000), (40, 129)]:
+                w = rng.laplace(size=shape).astype(np.float32)
+                for scheme in ("asymmetric-per-layer", "asymmetric-per-channel",
+                               "symmetric-per-group-32", "asymmetric-per-group-7"):
+                    if shape[1] < 2 and "group" in scheme:
+                        continue
+                    for bits in (1, 3.5, 8):
+                        g = schemes.grid(w, bits, scheme)
+                        codes = np.empty(w.size, np.uint8)
+                        fast = weighterror.grid_errors(w, g, codes)
+                        native, kernels.native = kernels.native, None
+                        slow = weighterror.grid_errors(w, g)
+                        kernels.native = native
+                        assert fast.tobytes() == slow.tobytes(), (shape, scheme, bits)
+                        assert codes.tobytes() == schemes.quantize(w, bits, scheme).codes.tobytes()
+            print("ok")
+            """
+        )
+        env = {**os.environ, "QPACK_NO_AVX2": "1"}
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT
+        )
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
     def test_long_rows_and_runs_across_rows(self):
         """Rows longer than the kernels' blocks, a per-layer grid whose one run spans all
         rows, and groups that start mid-lane: the same errors either way."""
