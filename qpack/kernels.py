@@ -3,7 +3,9 @@
 They are built when qpack is installed on a machine with a C compiler and compute exactly
 what the numpy code computes (the tests hold every pair bit-identical), several times
 faster and without holding the GIL. Without them qpack runs its numpy code. Setting the
-environment variable ``QPACK_PURE=1`` before import makes qpack ignore them.
+environment variable ``QPACK_PURE=1`` before import makes qpack ignore them;
+``QPACK_NO_AVX2=1`` keeps them but holds back their AVX2 loops (the tests use it to run
+the plain loops on machines that have AVX2).
 """
 
 from __future__ import annotations
