@@ -410,9 +410,12 @@ def _mse_rows(rows: np.ndarray, levels: int, half: bool, high, low):
             s, z = _grid(lo[r] * ratio, hi[r] * ratio, top, half)
             q = _codes_into(block, s, z, top, trial)
             q -= z[:, None]
-            q *= s.astype(np.float64)[:, None]
-            q -= block
-            err = np.einsum("ij,ij->i", q, q)
+            # a grid over a range near the float limit overflows (its error NaN or inf):
+            # the caller refuses such a grid (decodes_finite), so no warning here
+            with np.errstate(over="ignore", invalid="ignore"):
+                q *= s.astype(np.float64)[:, None]
+                q -= block
+                err = np.einsum("ij,ij->i", q, q)
             better = slice(None) if best_err is None else err < best_err
             best_err = err if best_err is None else np.where(better, err, best_err)
             scale[r][better], zero[r][better] = s[better], z[better]
