@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from .dtypes import as_items, bf16_to_f32
 from .plan import DEFAULT_BITS, HALF_BITS, TensorPlan, default_bits, resolve
 from .quantize import gptq_rounder, half_values, quantize_tensor
 from .schemes import (
+    Quantized,
     Ranges,
     as_rows,
     code_bits,
@@ -124,6 +126,8 @@ BLOCK_MAX_BITS = 5
 # tensor in Q4_0 blocks.
 OUTPUT_REFERENCE_BITS = 8
 OUTPUT_SHARE_MAX = 0.05
+# Bytes of codes the search keeps for the writer (see Allocator.made)
+MADE_MEMORY = 1 << 30
 BLOCK_SCHEME = f"symmetric-per-group-{REFERENCE_BLOCK}"
 
 Option = tuple[float, str]  # (bits, scheme)
@@ -221,9 +225,13 @@ class Allocator:
         self._joints: dict[tuple, float | np.ndarray] = {}
         self._sizes: dict[tuple, int] = {}
         self._answers: list[dict[str, Option]] = []  # plans for_bits returned
-        # without a model: each tensor quantized with the option chosen for it, as the
-        # search made it (rounded to nearest), which the writer need not make again
+        # without a model: tensors quantized with the option chosen for them, as the
+        # search made them (rounded to nearest), which the writer need not make again;
+        # up to MADE_MEMORY bytes of codes, so that a large model's save is not held
+        # in memory twice
         self.made: dict[str, tuple[Option, Any]] = {}
+        self._made_room = MADE_MEMORY
+        self._made_lock = threading.Lock()
         # without a model a width query needs no measurements of every option (see
         # _dominant): they are taken when a query needs them
         if not self._weight_error:
@@ -377,7 +385,11 @@ class Allocator:
             found = _smallest_option(weights, _fitting(self._options, target[1]), least)
             if found is None:
                 return option
-            self.made[target[0]] = found
+            if isinstance(found[1], Quantized):  # (binary16 values are cheap to make again)
+                with self._made_lock:
+                    if found[1].codes.nbytes <= self._made_room:
+                        self._made_room -= found[1].codes.nbytes
+                        self.made[target[0]] = found
             return found[0]
 
         found = ordered_map(one, self._targets, cost=lambda t: t[1].size)  # largest first

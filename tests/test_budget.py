@@ -361,3 +361,23 @@ def test_the_writer_takes_the_tensors_the_search_quantized(tmp_path, monkeypatch
         assert len(coded) >= 2 and sorted(calls) == sorted(coded)
         searched = (tmp_path / "searched.qpk").read_bytes()
         assert searched == (tmp_path / "spelled.qpk").read_bytes(), bits
+
+
+def test_the_codes_kept_for_the_writer_are_bounded(tmp_path, monkeypatch):
+    """The search keeps at most MADE_MEMORY bytes of codes for the writer; the tensors it
+    does not keep are quantized again, into the same file."""
+    import qpack.budget as B
+
+    rng = np.random.default_rng(6)
+    state = {f"l{i}.weight": rng.laplace(size=(64, 256)).astype(np.float32) for i in range(4)}
+    pack(state, tmp_path / "kept.qpk", bits=6)
+    monkeypatch.setattr(B, "MADE_MEMORY", 2 * 64 * 256)  # room for two tensors' codes
+    allocator = Allocator(state)
+    allocator.for_bits(6)
+    assert len(allocator.made) == 2
+    monkeypatch.setattr(B, "MADE_MEMORY", 0)
+    planned = pack(state, tmp_path / "none.qpk", bits=6)
+    assert (
+        planned.summary
+        and (tmp_path / "none.qpk").read_bytes() == (tmp_path / "kept.qpk").read_bytes()
+    )
