@@ -1342,7 +1342,8 @@ quantize_errors(PyObject *self, PyObject *args)
                           &codes))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t count = w.len / 4, groups = scale.len / 4, rows, width = 0, per = 1;
+    Py_ssize_t count = w.len / 4, groups = scale.len / 4, rows;
+    Runs runs;
     if (!float_buffer(&w, "w") || !float_buffer(&scale, "scale") ||
         !sum_buffer(&sums, count, &rows))
         goto done;
@@ -1357,11 +1358,12 @@ quantize_errors(PyObject *self, PyObject *args)
     }
     if (!run) { /* equal runs */
         if (groups < 1 || count % groups) goto bad;
-        width = count / groups;
+        runs = (Runs){count / groups, count / groups, 1, groups};
     } else {
         if (row < 1 || count % row) goto bad;
-        per = row / run + (row % run != 0);
+        Py_ssize_t per = row / run + (row % run != 0);
         if (groups != count / row * per) goto bad;
+        runs = (Runs){row, run, per, groups};
     }
     Py_BEGIN_ALLOW_THREADS
     clean_upper_vectors();
@@ -1372,16 +1374,8 @@ quantize_errors(PyObject *self, PyObject *args)
         double acc[8] = {0};
         Py_ssize_t i = r * length, end = i + length;
         while (i < end) {
-            Py_ssize_t g, stop;
-            if (!run) {
-                g = i / width;
-                stop = (g + 1) * width;
-            } else {
-                Py_ssize_t k = i / row, j = i % row / run;
-                g = k * per + j;
-                stop = k * row + (j + 1) * run;
-                stop = stop < (k + 1) * row ? stop : (k + 1) * row;
-            }
+            Py_ssize_t g = run_of(&runs, i), start, stop;
+            run_bounds(&runs, g, &start, &stop);
             stop = stop < end ? stop : end;
             uint8_t *out = codes.obj ? (uint8_t *)codes.buf + i : NULL;
             grid_errors(src + i, stop - i, i - r * length, s[g], z[g], top, acc, out);
