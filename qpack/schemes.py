@@ -358,19 +358,26 @@ def grid_codes(w: np.ndarray, g: Grid) -> np.ndarray:
     if g.granularity == "channel":
         return _affine_codes(rows, g.scale, g.zero, top).reshape(-1)
     channels, inner = rows.shape
-    size = g.group_size
-    per, whole = -(-inner // size), inner // size * size
+    per = -(-inner // g.group_size)  # groups a row
     scale, zero = g.scale.reshape(channels, per), g.zero.reshape(channels, per)
     codes = np.empty(rows.shape, dtype=np.uint8)
-    if whole and channels:
-        k = whole // size
-        part = np.ascontiguousarray(rows[:, :whole]).reshape(-1, size)
-        found = _affine_codes(part, scale[:, :k].reshape(-1), zero[:, :k].reshape(-1), top)
-        codes[:, :whole] = found.reshape(channels, whole)
-    if whole < inner and channels:
-        part = np.ascontiguousarray(rows[:, whole:])
-        codes[:, whole:] = _affine_codes(part, scale[:, -1], zero[:, -1], top)
+    for cols, part, units in _group_parts(rows, g.group_size):
+        s, z = scale[:, units].reshape(-1), zero[:, units].reshape(-1)
+        codes[:, cols] = _affine_codes(part, s, z, top).reshape(channels, -1)
     return codes.reshape(-1)
+
+
+def _group_parts(rows: np.ndarray, size: int) -> Iterator[tuple[slice, np.ndarray, slice]]:
+    """(columns, their values as one group a row, the groups' units) of the whole groups
+    of ``size`` values of every row, then of the rows' short last groups, if any: each
+    part is quantized as one set of rows, one grid each."""
+    channels, inner = rows.shape
+    whole = inner // size * size
+    if whole and channels:
+        part = np.ascontiguousarray(rows[:, :whole]).reshape(-1, size)
+        yield slice(0, whole), part, slice(0, whole // size)
+    if whole < inner and channels:
+        yield slice(whole, inner), np.ascontiguousarray(rows[:, whole:]), slice(whole // size, None)
 
 
 def on_grid(g: Grid, codes: np.ndarray) -> Quantized:
@@ -441,26 +448,16 @@ def _mse_per_group(w: np.ndarray, levels: int, size: int = DEFAULT_GROUP_SIZE) -
     rows = as_rows(w)
     channels, inner = rows.shape
     high, low = unit_ranges(rows, size)
-    whole, groups = inner // size * size, -(-inner // size)
-    parts = []  # (columns, their rows as groups, the groups' ranges)
-    if whole and channels:
-        k = whole // size
-        part = np.ascontiguousarray(rows[:, :whole]).reshape(-1, size)
-        parts.append((slice(0, whole), part, high[:, :k], low[:, :k]))
-    if whole < inner and channels:
-        parts.append((slice(whole, inner), rows[:, whole:], high[:, -1:], low[:, -1:]))
+    parts = list(_group_parts(rows, size))
     for half in (True, False):
         codes = np.empty(rows.shape, dtype=np.uint8)
-        scale = np.empty((channels, groups), dtype=np.float32)
-        zero = np.empty((channels, groups))
-        done = 0
-        for cols, part, h, lo in parts:
-            c, s, z = _mse_rows(part, levels, half, h, lo)
-            k = h.shape[1]
+        scale = np.empty(high.shape, dtype=np.float32)
+        zero = np.empty(high.shape)
+        for cols, part, units in parts:
+            c, s, z = _mse_rows(part, levels, half, high[:, units], low[:, units])
             codes[:, cols] = c.reshape(channels, -1)
-            scale[:, done : done + k] = s.reshape(channels, k)
-            zero[:, done : done + k] = z.reshape(channels, k)
-            done += k
+            scale[:, units] = s.reshape(channels, -1)
+            zero[:, units] = z.reshape(channels, -1)
         if not half or _half_scales(scale):
             break
     return Quantized(
