@@ -52,7 +52,7 @@ from .schemes import (
     parse_scheme,
     unit_ranges,
 )
-from .weighterror import grid_errors, origin_errors, row_errors
+from .weighterror import ORIGIN_SCHEME, grid_errors, origin_errors, row_errors
 from .writer import encode_chunks, quantized_entry
 
 __all__ = ["allocate", "Allocator", "CHANNEL_SCHEMES", "GRID", "OPTION_SCHEMES", "parse_size"]
@@ -818,7 +818,7 @@ class _Weights:
         array = self.target[1]
         g = None
         if option != HALF_OPTION and self.reference.dtype == np.float32 and array.ndim:
-            if not keep and option[1] == TOP_REFERENCE_SCHEME and float(option[0]).is_integer():
+            if not keep and option[1] == ORIGIN_SCHEME and float(option[0]).is_integer():
                 high, low = self.ranges(None)
                 peak = np.float32(max(high.max(initial=0), -low.min(initial=0)))
                 sums = origin_errors(self.reference, int(option[0]), peak)
@@ -894,9 +894,9 @@ def _smallest_option(
 ) -> tuple[Option, Any] | None:
     """(The option of least file size whose :func:`_channel_error` is at most ``limit``,
     the tensor quantized so), or None: for each grid the smallest such width
-    (:func:`_smallest_width`), then the smallest
-    file among the grids. The binary16 values' size is known before they are made: they
-    are tried last, and only where they would be the smallest file."""
+    (:func:`_smallest_width`), then the smallest file among the grids. The binary16
+    values' size is known before they are made: they are tried last, and only where they
+    would be the smallest file."""
     name, array, dtype = weights.target
     best: tuple[int, Option, Any] | None = None
     schemes = sorted(dict.fromkeys(s for _, s in options), key=lambda s: s == HALF)
@@ -919,7 +919,6 @@ def _smallest_width(
     ``scheme`` whose :func:`_channel_error` is at most ``limit``, or None: searched from
     the width the grid's steps predict (:func:`_first_passing`), since a finer width of one
     grid has less error. About two quantizations instead of one per width."""
-
     found: dict[int, Any] = {}
 
     def passes(i: int) -> bool:

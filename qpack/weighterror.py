@@ -16,9 +16,11 @@ import numpy as np
 from . import kernels
 from .schemes import Grid, as_rows, blocks, dequantize, grid_codes, quantize
 
-__all__ = ["grid_errors", "origin_errors", "row_errors", "row_squares"]
+__all__ = ["ORIGIN_SCHEME", "grid_errors", "origin_errors", "row_errors", "row_squares"]
 
 LANES = 8
+# the scheme of the origin's per-layer quantizer, which origin_errors measures
+ORIGIN_SCHEME = "symmetric-per-layer"
 
 
 def row_squares(diff: np.ndarray) -> np.ndarray:
@@ -81,11 +83,11 @@ def grid_errors(reference: np.ndarray, g: Grid, codes: np.ndarray | None = None)
 
 def origin_errors(reference: np.ndarray, bits: int, peak: np.float32) -> np.ndarray:
     """:func:`row_errors` of float32 ``reference`` quantized by the origin's per-layer
-    quantizer (``symmetric-per-layer``) at whole ``bits``, whose largest magnitude is
+    quantizer (:data:`ORIGIN_SCHEME`) at whole ``bits``, whose largest magnitude is
     ``peak``: with the compiled kernels in one pass."""
     rows = as_rows(reference)
     if kernels.native is not None and rows.size and peak > 0:
         sums = np.empty(rows.shape[0])
         kernels.native.origin_errors(np.ascontiguousarray(rows), float(peak), bits, sums)
         return sums
-    return row_errors(reference, quantize(reference, bits, "symmetric-per-layer").values())
+    return row_errors(reference, quantize(reference, bits, ORIGIN_SCHEME).values())
